@@ -1,0 +1,92 @@
+"""``prelabel``: run the service (serve, gateway, triton) or use it (predict, models).
+
+Flags override the ``PRELABEL_*`` environment variables of :class:`prelabel.settings.Settings`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from prelabel.errors import PrelabelError
+from prelabel.settings import Settings
+
+
+def _service_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data-dir", type=Path, help="where models, logs and data live (PRELABEL_DATA_DIR)")
+    parser.add_argument("--model-repository", type=Path, help="Triton model repository (default DATA_DIR/models)")
+    parser.add_argument("--log-level", help="DEBUG, INFO, WARNING (PRELABEL_LOG_LEVEL)")
+
+
+def _gateway_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--grpc-host", help="address to listen on (PRELABEL_GRPC_HOST, default 127.0.0.1)")
+    parser.add_argument("--grpc-port", type=int, help="gRPC port, 0 for a free one (PRELABEL_GRPC_PORT, default 50051)")
+    parser.add_argument("--metrics-port", type=int, help="Prometheus port, 0 free, -1 off (PRELABEL_METRICS_PORT, 9400)")
+
+
+def _client_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--server", default=None, help="gateway address HOST:PORT (default 127.0.0.1:PRELABEL_GRPC_PORT)")
+    parser.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for the gateway and each call")
+
+
+def parser() -> argparse.ArgumentParser:
+    root = argparse.ArgumentParser(prog="prelabel", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = root.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="run everything on this machine: embedded Triton and the gateway")
+    _service_flags(serve)
+    _gateway_flags(serve)
+    serve.add_argument("--triton-url", help="use this Triton HOST:PORT instead of starting one")
+
+    gateway = commands.add_parser("gateway", help="run the gRPC gateway against an external Triton")
+    _service_flags(gateway)
+    _gateway_flags(gateway)
+    gateway.add_argument("--triton-url", help="Triton gRPC address HOST:PORT (PRELABEL_TRITON_URL)")
+
+    triton = commands.add_parser("triton", help="run the embedded Triton alone on the model repository")
+    _service_flags(triton)
+    triton.add_argument("--host", dest="triton_host", help="address Triton listens on (PRELABEL_TRITON_HOST)")
+    triton.add_argument("--grpc-port", dest="triton_grpc_port", type=int, help="Triton gRPC port (0: free)")
+    triton.add_argument("--http-port", dest="triton_http_port", type=int, help="Triton HTTP port (0: free)")
+    triton.add_argument("--metrics-port", dest="triton_metrics_port", type=int, help="Triton metrics port (0: free)")
+
+    predict = commands.add_parser("predict", help="pre-label image files and folders; one JSON line per image")
+    predict.add_argument("paths", nargs="+", type=Path, help="image files or folders (searched recursively)")
+    predict.add_argument("--model", default="", help="model name (default: the server's default model)")
+    predict.add_argument("--version", default="", help="model version (default: the newest ready one)")
+    predict.add_argument("--top-k", type=int, default=5)
+    predict.add_argument("--out", type=Path, help="write JSON lines here instead of standard output")
+    predict.add_argument("--batch-size", type=int, default=32, help="images per request")
+    predict.add_argument("--embedding", action="store_true", help="include each image's embedding")
+    predict.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    _client_flags(predict)
+
+    models = commands.add_parser("models", help="list models and their versions")
+    _client_flags(models)
+    return root
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    options = {k: v for k, v in vars(args).items() if k != "command"}
+    try:
+        if args.command in ("serve", "gateway", "triton"):
+            from prelabel import launcher
+
+            settings = Settings.from_env(**options)
+            return launcher.run(settings, {"serve": "all"}.get(args.command, args.command))
+        from prelabel.cli import client
+
+        settings = Settings.from_env()
+        server = args.server or f"127.0.0.1:{settings.grpc_port}"
+        if args.command == "predict":
+            return client.predict(server, args)
+        return client.models(server, args.timeout)
+    except PrelabelError as exc:
+        print(f"prelabel: {exc.message}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Image datasets: the procedurally generated pre-training set and (later) uploaded datasets."""

@@ -1,0 +1,118 @@
+"""Which models and versions exist (the model repository) and which are ready (Triton).
+
+Cards are immutable once published, so they are cached; readiness comes from one background
+refresh of Triton's repository index (:meth:`ModelCatalog.refresh`), so a Predict call costs no
+extra round trip to Triton to resolve "the newest ready version".
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from prelabel.errors import InvalidArgument, NotFound, PrelabelError, Unavailable
+from prelabel.triton.client import TritonClient
+from prelabel.triton.repository import ModelRepository, VersionCard, validate_name
+from prelabel.v1 import prelabel_pb2 as pb
+
+log = logging.getLogger("prelabel.gateway")
+
+
+@dataclass(frozen=True)
+class Resolved:
+    name: str
+    version: str
+    card: VersionCard
+    max_batch_size: int
+
+
+class ModelCatalog:
+    def __init__(self, repository: ModelRepository, triton: TritonClient, default_model: str) -> None:
+        self.repository = repository
+        self.triton = triton
+        self.default_model = default_model
+        self.ready: dict[str, set[int]] = {}
+        self.triton_up = False
+        self._cards: dict[tuple[str, int], VersionCard] = {}
+        self._batch_sizes: dict[str, int] = {}
+
+    async def refresh(self) -> None:
+        """Re-read readiness from Triton; on failure every version counts as not ready."""
+        try:
+            states = await self.triton.model_index()
+        except PrelabelError as exc:
+            if self.triton_up:
+                log.warning("Triton is unreachable: %s", exc.message)
+            self.triton_up, self.ready = False, {}
+            return
+        ready: dict[str, set[int]] = {}
+        for s in states:
+            if s.state == "READY" and s.version.isdigit():
+                ready.setdefault(s.name, set()).add(int(s.version))
+        if not self.triton_up:
+            log.info("Triton is reachable; ready models: %s", {k: sorted(v) for k, v in ready.items()} or "none")
+        self.triton_up, self.ready = True, ready
+
+    def default_ready(self) -> bool:
+        return self.triton_up and bool(self.ready.get(self.default_model))
+
+    def card(self, name: str, version: int) -> VersionCard:
+        key = (name, version)
+        if key not in self._cards:
+            self._cards[key] = self.repository.card(name, version)
+        return self._cards[key]
+
+    async def resolve(self, model: str, version: str) -> Resolved:
+        """Name and version of a request to a ready model version, or a clear NOT_FOUND/UNAVAILABLE."""
+        name = model or self.default_model
+        validate_name(name)
+        versions = self.repository.versions(name)
+        if not versions:
+            known = ", ".join(self.repository.models()) or "none"
+            raise NotFound(f"model {name!r} does not exist; models: {known} (ListModels shows them all)")
+        if not self.triton_up:
+            raise Unavailable(f"Triton is unreachable, so model {name!r} cannot answer now; retry shortly")
+        ready = self.ready.get(name, set())
+        if version:
+            if not version.isdigit():
+                raise InvalidArgument(f"version {version!r} is not a number; leave it empty for the newest ready one")
+            number = int(version)
+            if number not in versions:
+                raise NotFound(f"model {name!r} has no version {number}; versions: {versions}")
+            if number not in ready:
+                raise Unavailable(f"version {number} of {name!r} is not loaded in Triton yet; retry shortly")
+        else:
+            if not ready:
+                raise Unavailable(f"no version of {name!r} is ready in Triton yet; retry shortly")
+            number = max(ready)
+        if name not in self._batch_sizes:
+            self._batch_sizes[name] = await self.triton.max_batch_size(name)
+        return Resolved(name, str(number), self.card(name, number), self._batch_sizes[name])
+
+    def describe(self, name: str) -> pb.Model:
+        """A model with every version in the repository, each marked ready or not."""
+        versions = self.repository.versions(validate_name(name))
+        if not versions:
+            raise NotFound(f"model {name!r} does not exist; ListModels shows the models there are")
+        ready = self.ready.get(name, set())
+        model = pb.Model(name=name, default_version=str(max(ready)) if ready else "")
+        for number in versions:
+            card = self.card(name, number)
+            entry = pb.ModelVersion(
+                version=str(number),
+                base_model=card.base_model,
+                architecture=card.arch,
+                strategy=pb.Strategy.Value(card.strategy) if card.strategy in pb.Strategy.keys() else 0,
+                strategy_reason=card.strategy_reason,
+                labels=card.labels,
+                metrics=card.metrics,
+                ready=number in ready,
+            )
+            entry.created_at.FromNanoseconds(int(card.created_at * 1e9))
+            model.versions.append(entry)
+        return model
+
+    def list_models(self) -> pb.ListModelsResponse:
+        return pb.ListModelsResponse(
+            models=[self.describe(name) for name in self.repository.models()], default_model=self.default_model
+        )

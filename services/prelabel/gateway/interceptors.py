@@ -1,0 +1,102 @@
+"""The one place where errors become gRPC statuses, and where every RPC is counted and timed.
+
+Like KServe's single error-mapping interceptor: servicers and the core raise ``PrelabelError``s;
+this turns them into ``context.abort(code, message)``. Anything else is a bug: it is logged with
+its traceback and answered INTERNAL, without leaking internals to the client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+from grpc import aio
+
+from prelabel import metrics
+from prelabel.errors import PrelabelError
+
+log = logging.getLogger("prelabel.gateway")
+
+
+class _Call:
+    """Bookkeeping of one RPC: in-flight gauge, latency, and the status code it ended with."""
+
+    def __init__(self, method: str) -> None:
+        self.method = method
+        self.started = time.perf_counter()
+        self.code = grpc.StatusCode.OK
+        metrics.IN_FLIGHT.labels(method).inc()
+
+    async def fail(self, exc: BaseException, context: aio.ServicerContext) -> None:
+        if isinstance(exc, PrelabelError):
+            self.code = exc.code
+            await context.abort(exc.code, exc.message)
+        if isinstance(exc, asyncio.CancelledError):
+            remaining = context.time_remaining()
+            self.code = (
+                grpc.StatusCode.DEADLINE_EXCEEDED if remaining is not None and remaining <= 0 else grpc.StatusCode.CANCELLED
+            )
+            raise exc
+        if isinstance(exc, aio.AbortError):
+            self.code = context.code() or grpc.StatusCode.UNKNOWN  # type: ignore[assignment]
+            raise exc
+        self.code = grpc.StatusCode.INTERNAL
+        log.exception("%s failed with an unexpected error", self.method)
+        await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {self.method}; the gateway log has details")
+
+    def done(self) -> None:
+        metrics.IN_FLIGHT.labels(self.method).dec()
+        metrics.RPCS.labels(self.method, self.code.name).inc()
+        metrics.RPC_LATENCY.labels(self.method).observe(time.perf_counter() - self.started)
+
+
+class ErrorsAndMetrics(aio.ServerInterceptor):
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(details)
+        if handler is None:
+            return handler
+        method = details.method.rsplit("/", 1)[-1]
+        # grpc.health.v1.Health/Watch and reflection streams live as long as their clients: not counted.
+        if details.method.startswith(("/grpc.health", "/grpc.reflection")):
+            return handler
+        kwargs: dict[str, Any] = {
+            "request_deserializer": handler.request_deserializer,
+            "response_serializer": handler.response_serializer,
+        }
+        if handler.unary_unary or handler.stream_unary:
+            behaviour = handler.unary_unary or handler.stream_unary
+
+            async def unary(request: Any, context: aio.ServicerContext) -> Any:
+                call = _Call(method)
+                try:
+                    return await behaviour(request, context)
+                except BaseException as exc:
+                    await call.fail(exc, context)
+                finally:
+                    call.done()
+
+            factory = grpc.unary_unary_rpc_method_handler if handler.unary_unary else grpc.stream_unary_rpc_method_handler
+            return factory(unary, **kwargs)
+
+        behaviour = handler.unary_stream or handler.stream_stream
+
+        async def streaming(request: Any, context: aio.ServicerContext) -> AsyncIterator[Any]:
+            call = _Call(method)
+            try:
+                async for response in behaviour(request, context):
+                    yield response
+            except BaseException as exc:
+                await call.fail(exc, context)
+            finally:
+                call.done()
+
+        factory = grpc.unary_stream_rpc_method_handler if handler.unary_stream else grpc.stream_stream_rpc_method_handler
+        return factory(streaming, **kwargs)

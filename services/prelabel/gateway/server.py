@@ -1,0 +1,105 @@
+"""Assembles the gateway: servicers, the error/metrics interceptor, health, reflection.
+
+Follows grpc's ``async_greeter_server_with_reflection`` and ``grpc_health/v1/_async`` examples: the
+server is created inside the running loop, health is NOT_SERVING until the default model is ready
+in Triton (and again whenever it is not), and ``stop`` enters graceful shutdown before draining.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from dataclasses import dataclass
+
+from grpc import aio
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from prelabel import metrics
+from prelabel.gateway.catalog import ModelCatalog
+from prelabel.gateway.interceptors import ErrorsAndMetrics
+from prelabel.gateway.predict import Predictor
+from prelabel.gateway.servicers import DatasetServicer, JobServicer, ModelServicer, PredictionServicer
+from prelabel.settings import Settings
+from prelabel.triton.client import TritonClient
+from prelabel.triton.repository import ModelRepository, RepositoryConfig
+from prelabel.v1 import prelabel_pb2 as pb
+from prelabel.v1 import prelabel_pb2_grpc as rpc
+
+log = logging.getLogger("prelabel.gateway")
+
+SERVICES = tuple(pb.DESCRIPTOR.services_by_name[n].full_name for n in pb.DESCRIPTOR.services_by_name)
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+def repository_for(settings: Settings) -> ModelRepository:
+    return ModelRepository(
+        settings.repository,
+        RepositoryConfig(
+            max_batch_size=settings.triton_max_batch_size,
+            max_queue_delay_us=settings.triton_max_queue_delay_us,
+            instance_count=settings.triton_instance_count,
+            instance_kind=settings.triton_instance_kind,
+        ),
+    )
+
+
+@dataclass
+class Gateway:
+    server: aio.Server
+    port: int
+    catalog: ModelCatalog
+    health: health.aio.HealthServicer
+    watcher: asyncio.Task[None]
+
+    async def stop(self, grace_s: float) -> None:
+        """Refuse new calls, let in-flight ones finish for up to ``grace_s``, then close."""
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(grace_s)
+        self.watcher.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self.watcher
+        await self.catalog.triton.close()
+
+
+async def _watch_triton(catalog: ModelCatalog, health_servicer: health.aio.HealthServicer, period_s: float) -> None:
+    serving: bool | None = None
+    while True:
+        await catalog.refresh()
+        now = catalog.default_ready()
+        if now != serving:
+            for service in ("", *SERVICES):
+                await health_servicer.set(service, SERVING if now else NOT_SERVING)
+            metrics.TRITON_UP.set(1 if now else 0)
+            log.info("health: %s (default model %r %s)", "SERVING" if now else "NOT_SERVING",
+                     catalog.default_model, "ready" if now else "not ready")
+            serving = now
+        await asyncio.sleep(period_s)
+
+
+async def start_gateway(settings: Settings, triton_url: str, refresh_period_s: float = 1.0) -> Gateway:
+    catalog = ModelCatalog(repository_for(settings), TritonClient(triton_url), settings.default_model)
+    server = aio.server(
+        interceptors=[ErrorsAndMetrics()],
+        options=[
+            ("grpc.max_receive_message_length", settings.max_message_bytes),
+            ("grpc.max_send_message_length", settings.max_message_bytes),
+        ],
+    )
+    rpc.add_PredictionServiceServicer_to_server(PredictionServicer(Predictor(settings, catalog)), server)
+    rpc.add_ModelServiceServicer_to_server(ModelServicer(catalog), server)
+    rpc.add_DatasetServiceServicer_to_server(DatasetServicer(), server)
+    rpc.add_JobServiceServicer_to_server(JobServicer(), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    for service in ("", *SERVICES):
+        await health_servicer.set(service, NOT_SERVING)
+    reflection.enable_server_reflection(
+        (*SERVICES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
+    )
+    port = server.add_insecure_port(f"{settings.grpc_host}:{settings.grpc_port}")
+    await server.start()
+    watcher = asyncio.create_task(_watch_triton(catalog, health_servicer, refresh_period_s), name="triton-watch")
+    return Gateway(server, port, catalog, health_servicer, watcher)

@@ -1,0 +1,113 @@
+"""Runs Prelabel's processes: ``serve`` (everything), ``gateway`` and ``triton`` (each part alone).
+
+Modelled on vLLM's ``entrypoints/launcher.py``: SIGTERM and SIGINT are handled by the event loop and
+start an orderly shutdown (health NOT_SERVING, in-flight calls finish within the grace period, then
+Triton stops); a failure to start is fatal and says what to do, errors in single requests are not.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+
+from prelabel.errors import PrelabelError, Unavailable
+from prelabel.gateway.server import Gateway, repository_for, start_gateway
+from prelabel.metrics import serve_metrics
+from prelabel.models.defaults import ensure_default_model
+from prelabel.settings import Settings
+from prelabel.triton.supervisor import Ports, TritonSupervisor, free_port
+
+log = logging.getLogger("prelabel")
+
+
+def _stop_event() -> asyncio.Event:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    return stop
+
+
+def supervisor_for(settings: Settings) -> TritonSupervisor:
+    host = settings.triton_host
+    return TritonSupervisor(
+        repository=settings.repository,
+        workspace=settings.data_dir / "triton",
+        log_path=settings.data_dir / "logs" / "triton.log",
+        host=host,
+        ports=Ports(
+            settings.triton_grpc_port or free_port(host),
+            settings.triton_http_port or free_port(host),
+            settings.triton_metrics_port or free_port(host),
+        ),
+        startup_timeout_s=settings.triton_startup_timeout_s,
+    )
+
+
+async def _start_triton(settings: Settings) -> TritonSupervisor:
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    ensure_default_model(repository_for(settings), settings.default_model, settings.base_weights)
+    supervisor = supervisor_for(settings)
+    await supervisor.start()
+    return supervisor
+
+
+async def _start_gateway(settings: Settings, triton_url: str) -> tuple[Gateway, int | None]:
+    try:
+        gateway = await start_gateway(settings, triton_url)
+    except RuntimeError as exc:  # grpc: "Failed to bind"
+        raise Unavailable(
+            f"cannot listen on {settings.grpc_host}:{settings.grpc_port} ({exc}); "
+            "choose another port with --grpc-port or PRELABEL_GRPC_PORT"
+        ) from exc
+    metrics_port = serve_metrics(settings.metrics_port) if settings.metrics_port >= 0 else None
+    return gateway, metrics_port
+
+
+def _announce(settings: Settings, gateway: Gateway | None, metrics_port: int | None, triton: str) -> None:
+    lines = []
+    if gateway is not None:
+        lines.append(f"Prelabel gateway listening on {settings.grpc_host}:{gateway.port} (gRPC)")
+    if metrics_port is not None:
+        lines.append(f"metrics on http://{settings.grpc_host}:{metrics_port}/metrics")
+    lines.append(f"Triton at {triton}")
+    lines.append(f"data in {settings.data_dir}")
+    print("; ".join(lines), flush=True)
+
+
+async def serve(settings: Settings, parts: str = "all") -> None:
+    """``parts``: ``all`` (Triton embedded unless triton_url is set), ``gateway`` or ``triton``."""
+    stop = _stop_event()
+    supervisor: TritonSupervisor | None = None
+    gateway: Gateway | None = None
+    metrics_port: int | None = None
+    try:
+        if parts == "triton" or (parts == "all" and settings.embedded_triton):
+            supervisor = await _start_triton(settings)
+        triton_url = supervisor.url if supervisor else settings.triton_url
+        if parts in ("all", "gateway"):
+            if not triton_url:
+                raise Unavailable("the gateway needs a Triton: pass --triton-url HOST:PORT or set PRELABEL_TRITON_URL")
+            gateway, metrics_port = await _start_gateway(settings, triton_url)
+        _announce(settings, gateway, metrics_port, triton_url + (f" (metrics {supervisor.metrics_url})" if supervisor else ""))
+        await stop.wait()
+        log.info("shutting down: finishing in-flight calls (grace %.0fs)", settings.grace_period_s)
+    finally:
+        if gateway is not None:
+            await gateway.stop(settings.grace_period_s)
+        if supervisor is not None:
+            await supervisor.stop()
+
+
+def run(settings: Settings, parts: str = "all") -> int:
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
+    try:
+        asyncio.run(serve(settings, parts))
+    except PrelabelError as exc:
+        log.error("%s", exc.message)
+        return 1
+    return 0

@@ -1,0 +1,162 @@
+"""The torchvision backbones Prelabel serves and fine-tunes, split into body and head.
+
+Every architecture becomes a :class:`Classifier` whose ``body`` maps images to an embedding (the
+penultimate features) and whose ``head`` is the last linear layer. Predict returns both, and
+transfer learning replaces or retrains the head, so the split is defined once, here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torchvision.models as tvm
+from torch import nn
+
+from prelabel.errors import InvalidArgument, NotFound, Unavailable
+from prelabel.preprocessing import Preprocess
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """One torchvision architecture: its builder, ImageNet weights and where its head sits."""
+
+    name: str
+    family: str  # resnet | mobilenet | efficientnet | vit
+    builder: Callable[..., nn.Module]
+    weights: Any  # a torchvision WeightsEnum member
+
+    def imagenet_preprocess(self) -> Preprocess:
+        t = self.weights.transforms()
+        return Preprocess(
+            resize=int(t.resize_size[0]),
+            crop=int(t.crop_size[0]),
+            mean=tuple(t.mean),
+            std=tuple(t.std),
+            interpolation=str(t.interpolation.value),
+        )
+
+
+ARCHITECTURES: dict[str, Architecture] = {
+    a.name: a
+    for a in (
+        Architecture("resnet18", "resnet", tvm.resnet18, tvm.ResNet18_Weights.IMAGENET1K_V1),
+        Architecture("resnet50", "resnet", tvm.resnet50, tvm.ResNet50_Weights.IMAGENET1K_V2),
+        Architecture(
+            "mobilenet_v3_small", "mobilenet", tvm.mobilenet_v3_small, tvm.MobileNet_V3_Small_Weights.IMAGENET1K_V1
+        ),
+        Architecture(
+            "mobilenet_v3_large", "mobilenet", tvm.mobilenet_v3_large, tvm.MobileNet_V3_Large_Weights.IMAGENET1K_V2
+        ),
+        Architecture(
+            "efficientnet_b0", "efficientnet", tvm.efficientnet_b0, tvm.EfficientNet_B0_Weights.IMAGENET1K_V1
+        ),
+        Architecture("vit_b_16", "vit", tvm.vit_b_16, tvm.ViT_B_16_Weights.IMAGENET1K_V1),
+    )
+}
+
+
+def architecture(name: str) -> Architecture:
+    try:
+        return ARCHITECTURES[name]
+    except KeyError:
+        raise InvalidArgument(
+            f"unknown architecture {name!r}; choose one of: {', '.join(sorted(ARCHITECTURES))}"
+        ) from None
+
+
+class Classifier(nn.Module):
+    """A backbone whose forward pass returns ``(logits, embedding)``."""
+
+    def __init__(self, body: nn.Module, head: nn.Linear) -> None:
+        super().__init__()
+        self.body = body
+        self.head = head
+
+    @property
+    def embedding_dim(self) -> int:
+        return int(self.head.in_features)
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        embedding = self.body(images)
+        return self.head(embedding), embedding
+
+
+def _split(model: Any, family: str) -> Classifier:
+    """Detach the last linear layer of a torchvision model, leaving an identity in its place."""
+    if family == "resnet":
+        head, model.fc = model.fc, nn.Identity()
+    elif family == "vit":
+        head, model.heads.head = model.heads.head, nn.Identity()
+    else:  # mobilenet, efficientnet: a Sequential classifier ending in the Linear
+        head, model.classifier[-1] = model.classifier[-1], nn.Identity()
+    assert isinstance(head, nn.Linear)
+    return Classifier(model, head)
+
+
+def _builder_kwargs(arch: Architecture, image_size: int | None) -> dict[str, Any]:
+    # ViT's position embeddings are sized for one input resolution.
+    return {"image_size": image_size} if arch.family == "vit" and image_size else {}
+
+
+def build(arch_name: str, num_classes: int, image_size: int | None = None) -> Classifier:
+    """A randomly initialised classifier with ``num_classes`` outputs."""
+    arch = architecture(arch_name)
+    model = arch.builder(weights=None, num_classes=num_classes, **_builder_kwargs(arch, image_size))
+    return _split(model, arch.family)
+
+
+def imagenet(arch_name: str) -> tuple[Classifier, list[str], Preprocess]:
+    """The ImageNet classifier from torchvision's weights: downloaded once, then read from the cache.
+
+    The cache is torch.hub's (``$TORCH_HOME/hub/checkpoints``), so an offline machine works once the
+    file has been copied there.
+    """
+    arch = architecture(arch_name)
+    try:
+        model = arch.builder(weights=arch.weights)
+    except (OSError, RuntimeError) as exc:  # URLError is an OSError
+        cache = Path(torch.hub.get_dir()) / "checkpoints" / Path(arch.weights.url).name
+        raise Unavailable(
+            f"cannot load ImageNet weights for {arch_name}: {exc}. Without a network, copy "
+            f"{arch.weights.url} to {cache}, or pass a local weights file instead."
+        ) from exc
+    return _split(model, arch.family), list(arch.weights.meta["categories"]), arch.imagenet_preprocess()
+
+
+def load_state(model: Classifier, path: Path) -> None:
+    """Load weights saved by Prelabel (``body.``/``head.`` keys) or a plain torchvision state dict."""
+    if not path.is_file():
+        raise NotFound(f"weights file {path} does not exist")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and "state_dict" in state:
+        state = state["state_dict"]
+    if not any(k.startswith(("body.", "head.")) for k in state):
+        state = _torchvision_to_classifier(model, state)
+    state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        raise InvalidArgument(f"weights file {path} does not fit this architecture: {exc}") from exc
+
+
+def _torchvision_to_classifier(model: Classifier, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    head_keys = {"weight", "bias"}
+    head_prefix = next(
+        (p for p in ("fc.", "heads.head.") if any(k.startswith(p) for k in state)), None
+    ) or _last_linear_prefix(state)
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        if key.startswith(head_prefix) and key[len(head_prefix):] in head_keys:
+            out["head." + key[len(head_prefix):]] = value
+        else:
+            out["body." + key] = value
+    return out
+
+
+def _last_linear_prefix(state: dict[str, torch.Tensor]) -> str:
+    weights = [k for k in state if k.startswith("classifier.") and k.endswith(".weight")]
+    return weights[-1][: -len("weight")] if weights else "classifier."

@@ -1,0 +1,105 @@
+"""The one settings object: every knob, its environment variable and its default.
+
+Each field ``name`` is read from ``PRELABEL_<NAME>``; the CLI overrides a few with flags. Every limit
+that the gateway enforces lives here so that operators can tune it without code changes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from prelabel.errors import InvalidArgument
+
+MiB = 1024 * 1024
+
+
+def _default_data_dir() -> Path:
+    xdg = os.environ.get("XDG_DATA_HOME")
+    return Path(xdg) / "prelabel" if xdg else Path.home() / ".local" / "share" / "prelabel"
+
+
+@dataclass(frozen=True)
+class Settings:
+    # Where everything lives
+    data_dir: Path = field(default_factory=_default_data_dir)
+    model_repository: Path | None = None  # default: <data_dir>/models
+
+    # Gateway
+    grpc_host: str = "127.0.0.1"
+    grpc_port: int = 50051  # 0 picks a free port
+    metrics_port: int = 9400  # 0 picks a free port; -1 disables /metrics
+    grace_period_s: float = 10.0  # in-flight calls get this long to finish on SIGTERM
+
+    # Limits (RESOURCE_EXHAUSTED / INVALID_ARGUMENT with a message naming the setting)
+    max_images_per_request: int = 256
+    max_image_bytes: int = 20 * MiB
+    max_message_bytes: int = 64 * MiB
+    max_image_pixels: int = 40_000_000  # larger images are rejected per image (decompression bombs)
+    max_top_k: int = 100
+    default_top_k: int = 5
+    stream_max_in_flight: int = 4  # PredictStream requests processed ahead of the one being sent
+    default_timeout_s: float = 120.0  # Triton call timeout when the client sets no deadline
+
+    # Triton: empty triton_url runs the embedded server
+    triton_url: str = ""
+    triton_host: str = "127.0.0.1"  # where the embedded Triton listens (`prelabel triton`: 0.0.0.0 to share)
+    triton_grpc_port: int = 0
+    triton_http_port: int = 0
+    triton_metrics_port: int = 0
+    triton_startup_timeout_s: float = 180.0
+    triton_instance_kind: str = "KIND_AUTO"  # KIND_CPU | KIND_GPU | KIND_AUTO
+    triton_instance_count: int = 1
+    triton_max_batch_size: int = 32
+    triton_max_queue_delay_us: int = 2000
+
+    # Models: the default model is the one an empty PredictRequest.model means
+    default_model: str = "prelabel-base"
+    # "builtin" (the packaged pre-trained model), "ARCH:imagenet" or "ARCH:/path/to/weights.pth"
+    base_weights: str = "builtin"
+
+    log_level: str = "INFO"
+
+    @property
+    def repository(self) -> Path:
+        return self.model_repository or self.data_dir / "models"
+
+    @property
+    def embedded_triton(self) -> bool:
+        return not self.triton_url
+
+    def replace(self, **changes: Any) -> Settings:
+        return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+        env = os.environ if env is None else env
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            raw = env.get(f"PRELABEL_{f.name.upper()}")
+            if raw is not None:
+                values[f.name] = _parse(f.name, str(f.type), raw)
+        return cls(**values).replace(**overrides)
+
+    @staticmethod
+    def env_table() -> list[tuple[str, str]]:
+        """``(variable, default)`` for every setting, for docs and ``--help``."""
+        defaults = Settings(data_dir=Path("~/.local/share/prelabel"))
+        return [(f"PRELABEL_{f.name.upper()}", str(getattr(defaults, f.name))) for f in fields(Settings)]
+
+
+def _parse(name: str, type_name: str, raw: str) -> Any:
+    try:
+        if "Path" in type_name:
+            return Path(raw).expanduser() if raw else None
+        if type_name == "int":
+            return int(raw)
+        if type_name == "float":
+            return float(raw)
+        return raw
+    except ValueError:
+        raise InvalidArgument(f"PRELABEL_{name.upper()}={raw!r} is not a valid {type_name}") from None

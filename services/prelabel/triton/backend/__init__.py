@@ -1,0 +1,1 @@
+"""The generic python-backend model that Triton runs for every Prelabel model version."""

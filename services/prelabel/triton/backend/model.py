@@ -1,0 +1,64 @@
+"""Prelabel's one Triton python-backend model, following Triton's ``add_sub`` example.
+
+Triton's dynamic batcher hands ``execute`` several requests at once; their images are run as one
+batch and split back, one response per request. An image that cannot be decoded gets a message in
+``ERROR`` instead of failing its batch; a request that is malformed as a whole gets a TritonError.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+from prelabel.models.runner import Runner
+
+log = logging.getLogger("prelabel.triton.model")
+
+
+class TritonPythonModel:
+    def initialize(self, args: dict[str, Any]) -> None:
+        version_dir = Path(args["model_repository"]) / args["model_version"]
+        device = "cpu"
+        if args.get("model_instance_kind") == "GPU":
+            device = f"cuda:{args.get('model_instance_device_id', 0)}"
+        self.runner = Runner(version_dir, device=device)
+        self.name = f"{args['model_name']}/{args['model_version']}"
+        config = json.loads(args["model_config"])
+        self.max_batch_size = int(config.get("max_batch_size", 0))
+
+    def execute(self, requests: list[Any]) -> list[Any]:
+        images: list[bytes] = []
+        spans: list[tuple[int, int] | Any] = []
+        for request in requests:
+            tensor = pb_utils.get_input_tensor_by_name(request, "IMAGE")
+            if tensor is None:
+                spans.append(pb_utils.TritonError("input IMAGE is missing"))
+                continue
+            array = tensor.as_numpy().reshape(-1)
+            start = len(images)
+            images.extend(bytes(v) for v in array)
+            spans.append((start, len(images)))
+        outputs = self.runner.run(images) if images else None
+        responses = []
+        for request, span in zip(requests, spans, strict=True):
+            if not isinstance(span, tuple) or outputs is None:
+                responses.append(pb_utils.InferenceResponse(output_tensors=[], error=span))
+                continue
+            start, end = span
+            wanted = set(request.requested_output_names()) or {"PROBABILITIES", "EMBEDDING", "ERROR"}
+            tensors = [
+                pb_utils.Tensor("PROBABILITIES", outputs.probabilities[start:end]),
+                pb_utils.Tensor("ERROR", np.array([[e.encode()] for e in outputs.errors[start:end]], dtype=np.object_)),
+            ]
+            if "EMBEDDING" in wanted:
+                tensors.append(pb_utils.Tensor("EMBEDDING", outputs.embeddings[start:end]))
+            responses.append(pb_utils.InferenceResponse(output_tensors=tensors))
+        return responses
+
+    def finalize(self) -> None:
+        self.runner.pool.shutdown(wait=False)

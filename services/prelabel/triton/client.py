@@ -1,0 +1,123 @@
+"""The one adapter between Prelabel and Triton's gRPC API (``tritonclient.grpc.aio``).
+
+tritonclient reports failures as ``InferenceServerException`` with the gRPC status as text; they are
+converted here, once, into Prelabel's errors. The client is created lazily so that it belongs to
+the running event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import tritonclient.grpc.aio as triton_grpc
+from tritonclient.utils import InferenceServerException
+
+from prelabel.errors import DeadlineExceeded, Internal, NotFound, PrelabelError, Unavailable
+
+
+@dataclass(frozen=True)
+class ModelState:
+    name: str
+    version: str
+    state: str  # READY, UNAVAILABLE, LOADING, UNLOADING
+    reason: str = ""
+
+
+@dataclass
+class InferOutputs:
+    probabilities: np.ndarray
+    embeddings: np.ndarray | None
+    errors: list[str]
+
+
+class TritonClient:
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self._client: triton_grpc.InferenceServerClient | None = None
+
+    @property
+    def client(self) -> triton_grpc.InferenceServerClient:
+        if self._client is None:
+            self._client = triton_grpc.InferenceServerClient(self.url)
+        return self._client
+
+    async def close(self) -> None:
+        if self._client is not None:
+            await self._client.close()
+            self._client = None
+
+    def convert(self, exc: InferenceServerException, what: str) -> PrelabelError:
+        status, message = str(exc.status() or ""), str(exc.message() or exc)
+        if "DEADLINE_EXCEEDED" in status or "Deadline Exceeded" in message:
+            return DeadlineExceeded(f"{what}: the deadline passed before Triton answered; retry with a longer deadline")
+        if "UNAVAILABLE" in status:
+            return Unavailable(f"{what}: Triton at {self.url} is unreachable ({message}); check that it is running")
+        if "NOT_FOUND" in status or "unknown model" in message:
+            return NotFound(f"{what}: {message}")
+        if "INVALID_ARGUMENT" in status:
+            return Internal(f"{what}: Triton rejected the request: {message}")
+        return Unavailable(f"{what}: Triton failed: {message}; retry, and see Triton's log if it persists")
+
+    async def server_live(self, timeout_s: float = 2.0) -> bool:
+        try:
+            return bool(await self.client.is_server_live(client_timeout=timeout_s))
+        except (InferenceServerException, asyncio.TimeoutError, OSError):
+            return False
+
+    async def model_ready(self, model: str, version: str = "", timeout_s: float = 2.0) -> bool:
+        """Model readiness, not server readiness: a crashed stub can leave the server green."""
+        try:
+            return bool(await self.client.is_model_ready(model, version, client_timeout=timeout_s))
+        except (InferenceServerException, asyncio.TimeoutError, OSError):
+            return False
+
+    async def model_index(self, timeout_s: float = 5.0) -> list[ModelState]:
+        try:
+            index: dict[str, Any] = await self.client.get_model_repository_index(as_json=True, client_timeout=timeout_s)
+        except InferenceServerException as exc:
+            raise self.convert(exc, "listing Triton's models") from None
+        return [
+            ModelState(m["name"], m.get("version", ""), m.get("state", ""), m.get("reason", ""))
+            for m in index.get("models", [])
+        ]
+
+    async def max_batch_size(self, model: str) -> int:
+        try:
+            config: dict[str, Any] = await self.client.get_model_config(model, as_json=True, client_timeout=5.0)
+        except InferenceServerException as exc:
+            raise self.convert(exc, f"reading model {model!r}'s config") from None
+        return int(config.get("config", {}).get("max_batch_size", 0))
+
+    async def load_model(self, model: str, timeout_s: float = 300.0) -> None:
+        try:
+            await self.client.load_model(model, client_timeout=timeout_s)
+        except InferenceServerException as exc:
+            raise self.convert(exc, f"loading model {model!r}") from None
+
+    async def infer(
+        self, model: str, version: str, images: list[bytes], want_embedding: bool, timeout_s: float | None
+    ) -> InferOutputs:
+        data = np.empty((len(images), 1), dtype=np.object_)
+        data[:, 0] = images
+        image_input = triton_grpc.InferInput("IMAGE", list(data.shape), "BYTES")
+        image_input.set_data_from_numpy(data)
+        names = ["PROBABILITIES", "ERROR"] + (["EMBEDDING"] if want_embedding else [])
+        try:
+            result = await self.client.infer(
+                model,
+                [image_input],
+                model_version=version,
+                outputs=[triton_grpc.InferRequestedOutput(n) for n in names],
+                client_timeout=timeout_s,
+            )
+        except InferenceServerException as exc:
+            raise self.convert(exc, f"inference on {model}/{version}") from None
+        errors = result.as_numpy("ERROR").reshape(-1)
+        return InferOutputs(
+            probabilities=result.as_numpy("PROBABILITIES"),
+            embeddings=result.as_numpy("EMBEDDING") if want_embedding else None,
+            errors=[e.decode() if isinstance(e, bytes) else str(e) for e in errors],
+        )

@@ -1,0 +1,168 @@
+"""The Triton model repository: one folder per model, one numbered folder per version.
+
+Every version folder holds the same tiny ``model.py`` that imports Prelabel's one generic python
+backend model, plus ``weights.pt``, ``card.json`` (labels, preprocessing, provenance, metrics,
+calibration) and optionally ``reference.npz`` (embedding statistics of the training data).
+Versions are written to a staging folder and renamed into place, so Triton never sees half a version.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from prelabel.errors import InvalidArgument, NotFound
+from prelabel.preprocessing import Preprocess
+
+NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
+
+MODEL_PY = '''"""Written by Prelabel: every version is served by the same generic python backend model."""
+
+from prelabel.triton.backend.model import TritonPythonModel  # noqa: F401
+'''
+
+CONFIG_TEMPLATE = """# Written by Prelabel (prelabel.triton.repository); edits are overwritten when versions are added.
+name: "{name}"
+backend: "python"
+max_batch_size: {max_batch_size}
+input [
+  {{ name: "IMAGE", data_type: TYPE_STRING, dims: [ 1 ] }}
+]
+output [
+  {{ name: "PROBABILITIES", data_type: TYPE_FP32, dims: [ -1 ] }},
+  {{ name: "EMBEDDING", data_type: TYPE_FP32, dims: [ -1 ] }},
+  {{ name: "ERROR", data_type: TYPE_STRING, dims: [ 1 ] }}
+]
+version_policy: {{ all {{ }} }}
+dynamic_batching {{
+  max_queue_delay_microseconds: {max_queue_delay_us}
+}}
+instance_group [
+  {{ count: {instance_count}, kind: {instance_kind} }}
+]
+"""
+
+
+def validate_name(name: str, what: str = "model") -> str:
+    """Names become folder names: lower-case letters, digits, '.', '_' and '-', at most 63."""
+    if not NAME_PATTERN.match(name) or ".." in name:
+        raise InvalidArgument(
+            f"{what} name {name!r} is not valid: use 1-63 lower-case letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit"
+        )
+    return name
+
+
+@dataclass
+class VersionCard:
+    """What Prelabel knows about one model version (``card.json``)."""
+
+    arch: str
+    labels: list[str]
+    preprocess: Preprocess
+    base_model: str = ""
+    strategy: str = ""
+    strategy_reason: str = ""
+    metrics: dict[str, float] = field(default_factory=dict)
+    created_at: float = field(default_factory=time.time)
+    # Temperature for calibrated probabilities and the auto-accept threshold on them (None: never).
+    temperature: float = 1.0
+    auto_accept_threshold: float | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        data = dict(self.__dict__)
+        data["preprocess"] = self.preprocess.to_dict()
+        return json.dumps(data, indent=2) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str) -> VersionCard:
+        data = json.loads(text)
+        data["preprocess"] = Preprocess.from_dict(data["preprocess"])
+        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        return cls(**known)
+
+
+@dataclass(frozen=True)
+class RepositoryConfig:
+    max_batch_size: int = 32
+    max_queue_delay_us: int = 2000
+    instance_count: int = 1
+    instance_kind: str = "KIND_AUTO"
+
+
+class ModelRepository:
+    def __init__(self, root: Path, config: RepositoryConfig | None = None) -> None:
+        self.root = root
+        self.config = config or RepositoryConfig()
+
+    def models(self) -> list[str]:
+        if not self.root.is_dir():
+            return []
+        return sorted(p.name for p in self.root.iterdir() if (p / "config.pbtxt").is_file())
+
+    def versions(self, name: str) -> list[int]:
+        folder = self.root / validate_name(name)
+        if not folder.is_dir():
+            return []
+        return sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit() and (p / "card.json").is_file())
+
+    def card(self, name: str, version: int) -> VersionCard:
+        path = self.root / validate_name(name) / str(version) / "card.json"
+        if not path.is_file():
+            raise NotFound(f"model {name!r} has no version {version}")
+        return VersionCard.from_json(path.read_text())
+
+    def version_dir(self, name: str, version: int) -> Path:
+        return self.root / validate_name(name) / str(version)
+
+    def add_version(self, name: str, card: VersionCard, write_files: Callable[[Path], None]) -> int:
+        """Publish a new version: ``write_files(folder)`` adds weights (and any reference statistics).
+
+        The folder is filled in a staging area beside the repository, then renamed into place as the
+        next free number; a rename that loses a race to another writer retries with the next number.
+        """
+        validate_name(name)
+        model_dir = self.root / name
+        model_dir.mkdir(parents=True, exist_ok=True)
+        self._write_config(name)
+        staging_root = self.root.parent / f".{self.root.name}.staging"
+        staging_root.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=staging_root))
+        try:
+            (staging / "model.py").write_text(MODEL_PY)
+            write_files(staging)
+            (staging / "card.json").write_text(card.to_json())
+            while True:
+                version = max(self.versions(name), default=0) + 1
+                try:
+                    os.rename(staging, model_dir / str(version))
+                    return version
+                except OSError:
+                    if not (model_dir / str(version)).exists():
+                        raise
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+    def _write_config(self, name: str) -> None:
+        c = self.config
+        text = CONFIG_TEMPLATE.format(
+            name=name,
+            max_batch_size=c.max_batch_size,
+            max_queue_delay_us=c.max_queue_delay_us,
+            instance_count=c.instance_count,
+            instance_kind=c.instance_kind,
+        )
+        path = self.root / name / "config.pbtxt"
+        if not path.is_file() or path.read_text() != text:
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(text)
+            os.replace(tmp, path)
