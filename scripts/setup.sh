@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Installs everything Prelabel needs on a fresh Debian/Ubuntu machine, idempotently:
+#   system packages (the Python shared library that Triton's python-backend stub links), a virtual
+#   environment in .venv, and Prelabel itself (editable). `--test` adds what the test suite needs.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+python=${PYTHON:-python3}
+pyver=$("$python" -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')
+packages=()
+ldconfig -p | grep -q "libpython${pyver}.so.1.0" || packages+=("libpython${pyver}")
+if [[ "${1:-}" == "--test" ]]; then
+  command -v redis-server >/dev/null || packages+=(redis-server)
+fi
+if ((${#packages[@]})); then
+  sudo=""; [[ $(id -u) -eq 0 ]] || sudo="sudo"
+  echo "setup: installing system packages: ${packages[*]}"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${packages[@]}" >/dev/null
+fi
+
+[[ -x .venv/bin/python ]] || "$python" -m venv .venv
+extra=""; [[ "${1:-}" == "--test" ]] && extra="[test]"
+echo "setup: installing Prelabel${extra} into .venv (torch takes a minute the first time)"
+.venv/bin/pip install --quiet --disable-pip-version-check -e ".${extra}" 2>&1 | grep -v "^WARNING: Location" || true
+.venv/bin/python -c "import prelabel, torch, tritonclient.grpc, pytriton" \
+  || { echo "setup: the installation is incomplete; see pip's output above" >&2; exit 1; }
+echo "setup: done"

@@ -1,0 +1,73 @@
+"""Shared fixtures: generated images in real encodings, and one real Prelabel stack per session."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from PIL import Image
+
+from prelabel.datasets import shapes
+from prelabel.v1 import prelabel_pb2 as pb
+from prelabel.v1 import prelabel_pb2_grpc as rpc
+from tests.stack import Stack, wait_for_health
+
+# Limits lowered so that tests can hit each of them with small inputs.
+STACK_LIMITS = {
+    "max_images_per_request": 64,
+    "max_image_bytes": 1_000_000,
+    "max_message_bytes": 4 * 1024 * 1024,
+    "max_image_pixels": 4_000_000,
+}
+
+
+def encode(image: Image.Image, fmt: str, **kwargs: object) -> bytes:
+    out = io.BytesIO()
+    image.save(out, fmt, **kwargs)
+    return out.getvalue()
+
+
+@pytest.fixture(scope="session")
+def labelled_images() -> list[tuple[str, bytes, str]]:
+    """``(id, encoded bytes, true label)`` for 30 generated images in PNG, JPEG and WebP."""
+    images, labels = shapes.sample(30, 160, seed=11)
+    formats = ("PNG", "JPEG", "WEBP")
+    return [
+        (f"{i}-{formats[i % 3].lower()}", encode(im, formats[i % 3], quality=92), shapes.CLASSES[y])
+        for i, (im, y) in enumerate(zip(images, labels, strict=True))
+    ]
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    s = Stack.serve(tmp_path_factory.mktemp("serve"), **STACK_LIMITS)
+    try:
+        wait_for_health(s.address)
+        yield s
+    finally:
+        s.stop()
+
+
+@pytest.fixture(scope="session")
+def channel(stack: Stack) -> Iterator[grpc.Channel]:
+    with grpc.insecure_channel(
+        stack.address, options=[("grpc.max_send_message_length", 64 * 1024 * 1024)]
+    ) as ch:
+        yield ch
+
+
+@pytest.fixture(scope="session")
+def predict_stub(channel: grpc.Channel) -> rpc.PredictionServiceStub:
+    return rpc.PredictionServiceStub(channel)
+
+
+def request(images: list[tuple[str, bytes]], **fields: object) -> pb.PredictRequest:
+    return pb.PredictRequest(images=[pb.Image(id=i, content=c) for i, c in images], **fields)  # type: ignore[arg-type]
+
+
+@pytest.fixture()
+def data_dir(tmp_path: Path) -> Path:
+    return tmp_path / "data"

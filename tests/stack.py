@@ -1,0 +1,117 @@
+"""Starts real Prelabel processes (the installed ``prelabel`` CLI) on free ports, for tests and benches."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+PRELABEL = str(Path(sys.executable).parent / "prelabel")
+LISTENING = re.compile(r"listening on [\d.]+:(\d+)")
+METRICS = re.compile(r"metrics on http://[\d.]+:(\d+)/metrics")
+TRITON = re.compile(r"Triton at ([\d.]+:\d+)(?: \(metrics (\S+)\))?")
+
+
+@dataclass
+class Process:
+    """One ``prelabel`` command, its output collected in the background."""
+
+    args: list[str]
+    env: dict[str, str]
+    popen: subprocess.Popen[str] = field(init=False)
+    stdout: list[str] = field(default_factory=list)
+    stderr: list[str] = field(default_factory=list)
+
+    def start(self) -> Process:
+        self.popen = subprocess.Popen(
+            [PRELABEL, *self.args], env=self.env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        )
+        for stream, sink in ((self.popen.stdout, self.stdout), (self.popen.stderr, self.stderr)):
+            threading.Thread(target=lambda s=stream, k=sink: k.extend(iter(s.readline, "")), daemon=True).start()
+        return self
+
+    def wait_for_line(self, pattern: re.Pattern[str], timeout: float = 240) -> re.Match[str]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for line in list(self.stdout):
+                if m := pattern.search(line):
+                    return m
+            if self.popen.poll() is not None:
+                raise RuntimeError(f"prelabel {' '.join(self.args)} exited {self.popen.returncode}:\n{self.log()}")
+            time.sleep(0.1)
+        raise TimeoutError(f"no line matching {pattern.pattern!r}:\n{self.log()}")
+
+    def log(self) -> str:
+        return "".join(self.stdout) + "".join(self.stderr[-60:])
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int:
+        if self.popen.poll() is None:
+            self.popen.send_signal(sig)
+            try:
+                self.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait()
+        return self.popen.returncode
+
+
+def environment(data_dir: Path, **settings: object) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update({f"PRELABEL_{k.upper()}": str(v) for k, v in settings.items()})
+    env["PRELABEL_DATA_DIR"] = str(data_dir)
+    env.setdefault("OMP_NUM_THREADS", "2")
+    return env
+
+
+def health_status(address: str, service: str = "") -> int:
+    with grpc.insecure_channel(address) as channel:
+        try:
+            return int(
+                health_pb2_grpc.HealthStub(channel)
+                .Check(health_pb2.HealthCheckRequest(service=service), timeout=2)
+                .status
+            )
+        except grpc.RpcError:
+            return -1
+
+
+def wait_for_health(address: str, status: int = health_pb2.HealthCheckResponse.SERVING, timeout: float = 240) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if health_status(address) == status:
+            return
+        time.sleep(0.2)
+    raise TimeoutError(f"health of {address} did not become {status} within {timeout}s")
+
+
+@dataclass
+class Stack:
+    """``prelabel serve`` (or ``gateway``) running, with its addresses."""
+
+    process: Process
+    address: str
+    metrics_url: str | None
+    triton_url: str
+
+    @classmethod
+    def serve(cls, data_dir: Path, command: str = "serve", extra: list[str] | None = None, **settings: object) -> Stack:
+        process = Process([command, "--grpc-port", "0", "--metrics-port", "0", *(extra or [])],
+                          environment(data_dir, **settings)).start()
+        port = process.wait_for_line(LISTENING).group(1)
+        metrics = METRICS.search("".join(process.stdout))
+        triton = TRITON.search("".join(process.stdout))
+        stack = cls(process, f"127.0.0.1:{port}", f"http://127.0.0.1:{metrics.group(1)}/metrics" if metrics else None,
+                    triton.group(1) if triton else "")
+        return stack
+
+    def stop(self) -> int:
+        return self.process.stop()

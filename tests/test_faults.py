@@ -1,0 +1,134 @@
+"""Faults with real processes: Triton killed, SIGTERM mid-call, Triton run apart from the gateway."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2
+from PIL import Image, ImageDraw
+
+from prelabel.datasets import shapes
+from prelabel.v1 import prelabel_pb2_grpc as rpc
+from tests.conftest import encode, request
+from tests.stack import Process, Stack, environment, health_status, wait_for_health
+
+pytestmark = pytest.mark.stack
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+def children(pid: int, name: str) -> list[int]:
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            comm = stat.read_text().split("(", 1)[1].rsplit(")", 1)[0]
+        except OSError:
+            continue
+        if int(fields[1]) == pid and comm == name:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def photos(count: int, size: int) -> list[tuple[str, bytes]]:
+    rng = np.random.default_rng(1)
+    return [(str(i), encode(shapes.render(i % 10, size, rng), "JPEG", quality=95)) for i in range(count)]
+
+
+def test_health_follows_triton_and_supervisor_restarts_it(tmp_path):
+    stack = Stack.serve(tmp_path)
+    try:
+        wait_for_health(stack.address)
+        (triton,) = children(stack.process.popen.pid, "tritonserver")
+        os.kill(triton, signal.SIGKILL)
+        wait_for_health(stack.address, NOT_SERVING, timeout=30)
+        with grpc.insecure_channel(stack.address) as channel:
+            with pytest.raises(grpc.RpcError) as err:
+                rpc.PredictionServiceStub(channel).Predict(request(photos(1, 64)), timeout=30)
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert "retry" in err.value.details()
+            wait_for_health(stack.address, timeout=180)
+            assert children(stack.process.popen.pid, "tritonserver") not in ([], [triton])
+            response = rpc.PredictionServiceStub(channel).Predict(request(photos(2, 64)), timeout=60)
+            assert all(p.labels for p in response.predictions)
+        log = stack.process.log()
+        assert "Triton exited unexpectedly (code -9); restarting" in log
+        assert (tmp_path / "logs" / "triton.log").read_text().count("prelabel: Triton started") == 2
+    finally:
+        assert stack.stop() == 0
+
+
+def test_sigterm_lets_the_call_in_flight_finish(tmp_path):
+    stack = Stack.serve(tmp_path)
+    try:
+        wait_for_health(stack.address)
+        # Large flat PNGs: small files that take ~50 ms each to decode (PNG has no draft mode).
+        canvas = Image.new("RGB", (1900, 1900), (30, 90, 200))
+        ImageDraw.Draw(canvas).ellipse([300, 300, 1600, 1600], fill=(250, 250, 20))
+        flat = encode(canvas, "PNG")
+        slow = request([(str(i), flat) for i in range(200)])
+        with grpc.insecure_channel(stack.address, options=[("grpc.max_send_message_length", 64 << 20)]) as channel:
+            stub = rpc.PredictionServiceStub(channel)
+            started = threading.Event()
+            with ThreadPoolExecutor(1) as pool:
+                future = pool.submit(lambda: (started.set(), stub.Predict(slow, timeout=120))[1])
+                started.wait()
+                time.sleep(0.5)
+                assert not future.done(), "the call finished before SIGTERM: make it slower"
+                stack.process.popen.send_signal(signal.SIGTERM)
+                time.sleep(0.3)
+                with pytest.raises(grpc.RpcError) as refused:  # new calls are refused while draining
+                    stub.Predict(request(photos(1, 64)), timeout=10)
+                assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+                response = future.result()
+            assert len(response.predictions) == 200 and all(p.labels[0].name == "circle" for p in response.predictions)
+        assert stack.process.popen.wait(60) == 0
+        assert "shutting down: finishing in-flight calls" in stack.process.log()
+        assert children(stack.process.popen.pid, "tritonserver") == []
+    finally:
+        stack.stop()
+
+
+def test_gateway_with_a_separate_triton(tmp_path):
+    triton = Process(["triton"], environment(tmp_path / "triton")).start()
+    gateway = None
+    try:
+        url = triton.wait_for_line(__import__("re").compile(r"Triton at ([\d.]+:\d+)")).group(1)
+        gateway = Stack.serve(tmp_path / "gateway", command="gateway", extra=["--triton-url", url],
+                              model_repository=tmp_path / "triton" / "models")
+        wait_for_health(gateway.address, timeout=60)
+        with grpc.insecure_channel(gateway.address) as channel:
+            stub = rpc.PredictionServiceStub(channel)
+            assert all(p.labels for p in stub.Predict(request(photos(3, 96)), timeout=60).predictions)
+            assert triton.stop() == 0
+            wait_for_health(gateway.address, NOT_SERVING, timeout=30)
+            with pytest.raises(grpc.RpcError) as err:
+                stub.Predict(request(photos(1, 64)), timeout=30)
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert "Triton" in err.value.details()
+    finally:
+        triton.stop()
+        if gateway:
+            assert gateway.stop() == 0
+
+
+def test_gateway_without_triton_url_says_what_to_do(tmp_path):
+    process = Process(["gateway", "--grpc-port", "0"], environment(tmp_path)).start()
+    assert process.popen.wait(60) == 1
+    assert "pass --triton-url HOST:PORT" in process.log()
+
+
+def test_health_check_reports_not_serving_before_triton_is_reachable(tmp_path):
+    gateway = Stack.serve(tmp_path, command="gateway", extra=["--triton-url", "127.0.0.1:9"])
+    try:
+        time.sleep(1.5)
+        assert health_status(gateway.address) == NOT_SERVING
+    finally:
+        assert gateway.stop() == 0

@@ -1,0 +1,242 @@
+"""Predict and PredictStream through the real gateway and the real embedded Triton."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import threading
+import urllib.request
+
+import grpc
+import numpy as np
+import pytest
+from google.rpc import code_pb2
+from grpc_health.v1 import health_pb2
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from PIL import Image
+
+from prelabel.datasets import shapes
+from prelabel.v1 import prelabel_pb2 as pb
+from prelabel.v1 import prelabel_pb2_grpc as rpc
+from tests.conftest import encode, request
+from tests.stack import PRELABEL, Stack, health_status
+
+pytestmark = pytest.mark.stack
+
+
+def test_predicts_png_jpeg_webp_correctly(predict_stub, labelled_images):
+    response = predict_stub.Predict(request([(i, c) for i, c, _ in labelled_images], top_k=3), timeout=60)
+    assert response.model == "prelabel-base" and response.version == "1"
+    assert [p.image_id for p in response.predictions] == [i for i, _, _ in labelled_images]
+    correct = 0
+    for p, (_, _, truth) in zip(response.predictions, labelled_images, strict=True):
+        assert not p.HasField("error")
+        assert len(p.labels) == 3
+        scores = [label.score for label in p.labels]
+        assert scores == sorted(scores, reverse=True) and 0 < sum(scores) <= 1.0001
+        assert 0 <= p.uncertainty.entropy <= 1
+        assert p.uncertainty.margin == pytest.approx(scores[0] - scores[1], abs=1e-6)
+        assert p.uncertainty.least_confidence == pytest.approx(1 - scores[0], abs=1e-6)
+        assert not p.auto_accept  # the base model has no calibrated threshold
+        assert not p.embedding
+        correct += p.labels[0].name == truth
+    assert correct >= 27, f"only {correct}/30 generated images labelled correctly"
+
+
+def test_corrupt_and_oversized_images_get_per_image_errors(predict_stub, labelled_images):
+    good = labelled_images[0][1]
+    truncated = good[: len(good) // 3]
+    bomb = encode(Image.new("RGB", (2500, 2000), "white"), "PNG")  # 5 MP, tiny file: over the 4 MP limit
+    response = predict_stub.Predict(
+        request([("ok", good), ("garbage", b"not an image"), ("truncated", truncated), ("bomb", bomb), ("empty", b"")]),
+        timeout=60,
+    )
+    by_id = {p.image_id: p for p in response.predictions}
+    assert by_id["ok"].labels and not by_id["ok"].HasField("error")
+    assert by_id["garbage"].error.code == code_pb2.INVALID_ARGUMENT
+    assert "not a JPEG, PNG, WebP" in by_id["garbage"].error.message
+    assert by_id["truncated"].error.code == code_pb2.INVALID_ARGUMENT
+    assert by_id["bomb"].error.code == code_pb2.RESOURCE_EXHAUSTED
+    assert "2500x2000" in by_id["bomb"].error.message and "PRELABEL_MAX_IMAGE_PIXELS" in by_id["bomb"].error.message
+    assert by_id["empty"].error.code == code_pb2.INVALID_ARGUMENT and "empty" in by_id["empty"].error.message
+    assert all(not p.labels for i, p in by_id.items() if i != "ok")
+
+
+def test_embedding_top_k_and_explicit_version(predict_stub, labelled_images):
+    image = [(labelled_images[0][0], labelled_images[0][1])]
+    response = predict_stub.Predict(request(image, top_k=50, include_embedding=True, version="1"), timeout=60)
+    p = response.predictions[0]
+    assert len(p.labels) == len(shapes.CLASSES)  # top_k is capped at the number of classes
+    assert len(p.embedding) == 1024 and any(v != 0 for v in p.embedding)
+    again = predict_stub.Predict(request(image, include_embedding=True), timeout=60).predictions[0]
+    assert len(again.labels) == 5  # default top_k
+    np.testing.assert_allclose(again.embedding, p.embedding, rtol=1e-4, atol=1e-5)
+
+
+def test_large_photo_is_resized_not_rejected(predict_stub):
+    big, label = shapes.render(0, 1200, np.random.default_rng(3)), "circle"
+    p = predict_stub.Predict(request([("big", encode(big, "JPEG", quality=85))]), timeout=60).predictions[0]
+    assert p.labels[0].name == label
+
+
+@pytest.mark.parametrize(
+    ("build", "code", "words"),
+    [
+        (lambda imgs: request([]), grpc.StatusCode.INVALID_ARGUMENT, "no images"),
+        (lambda imgs: request(imgs[:1], top_k=-1), grpc.StatusCode.INVALID_ARGUMENT, "top_k"),
+        (lambda imgs: request(imgs[:1], top_k=1000), grpc.StatusCode.INVALID_ARGUMENT, "top_k"),
+        (lambda imgs: request(imgs[:1] * 65), grpc.StatusCode.RESOURCE_EXHAUSTED, "PRELABEL_MAX_IMAGES_PER_REQUEST"),
+        (lambda imgs: request([("big", b"\0" * 1_000_001)]), grpc.StatusCode.RESOURCE_EXHAUSTED, "PRELABEL_MAX_IMAGE_BYTES"),
+        (lambda imgs: request([(str(i), b"\0" * 900_000) for i in range(5)]), grpc.StatusCode.RESOURCE_EXHAUSTED, "larger than max"),
+        (lambda imgs: request(imgs[:1], model="no-such-model"), grpc.StatusCode.NOT_FOUND, "does not exist"),
+        (lambda imgs: request(imgs[:1], version="7"), grpc.StatusCode.NOT_FOUND, "no version 7"),
+        (lambda imgs: request(imgs[:1], version="latest"), grpc.StatusCode.INVALID_ARGUMENT, "not a number"),
+        (lambda imgs: request(imgs[:1], model="../etc"), grpc.StatusCode.INVALID_ARGUMENT, "not valid"),
+    ],
+    ids=["empty", "negative-top-k", "huge-top-k", "too-many-images", "image-too-big", "message-too-big",
+         "unknown-model", "unknown-version", "bad-version", "path-traversal"],
+)
+def test_request_errors(predict_stub, labelled_images, build, code, words):
+    images = [(i, c) for i, c, _ in labelled_images]
+    with pytest.raises(grpc.RpcError) as err:
+        predict_stub.Predict(build(images), timeout=30)
+    assert err.value.code() == code
+    assert words in err.value.details()
+
+
+def test_deadline_exceeded(predict_stub):
+    rng = np.random.default_rng(5)
+    photos = [(str(i), encode(shapes.render(i % 10, 900, rng), "JPEG", quality=95)) for i in range(60)]
+    with pytest.raises(grpc.RpcError) as err:
+        predict_stub.Predict(request(photos), timeout=0.05)
+    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    # The gateway is fine afterwards.
+    assert predict_stub.Predict(request(photos[:1]), timeout=60).predictions[0].labels
+
+
+def test_unimplemented_rpcs_say_why(channel):
+    with pytest.raises(grpc.RpcError) as err:
+        rpc.JobServiceStub(channel).GetJob(pb.GetJobRequest(id="x"), timeout=10)
+    assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED and "fine-tuning" in err.value.details()
+    with pytest.raises(grpc.RpcError) as err:
+        list(rpc.JobServiceStub(channel).WatchJob(pb.WatchJobRequest(id="x"), timeout=10))
+    assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
+
+
+def test_predict_stream_keeps_order_over_many_batches(predict_stub, labelled_images):
+    images = [(i, c) for i, c, _ in labelled_images]
+    requests = [request([(f"{b}-{i}", c) for i, c in images[b % 5 : b % 5 + 6]], top_k=1) for b in range(40)]
+    responses = list(predict_stub.PredictStream(iter(requests), timeout=120))
+    assert len(responses) == 40
+    for req, resp in zip(requests, responses, strict=True):
+        assert [p.image_id for p in resp.predictions] == [im.id for im in req.images]
+        assert all(len(p.labels) == 1 for p in resp.predictions)
+
+
+def test_predict_stream_error_ends_the_stream_with_its_code(predict_stub, labelled_images):
+    good = request([(labelled_images[0][0], labelled_images[0][1])])
+    stream = predict_stub.PredictStream(iter([good, request([]), good]), timeout=60)
+    assert next(stream).predictions
+    with pytest.raises(grpc.RpcError) as err:
+        list(stream)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_predict_stream_cancel(predict_stub, labelled_images):
+    good = request([(i, c) for i, c, _ in labelled_images[:8]])
+    gate = threading.Event()
+
+    def endless():
+        for _ in range(10_000):
+            yield good
+            gate.set()
+
+    stream = predict_stub.PredictStream(endless(), timeout=120)
+    assert next(stream).predictions
+    stream.cancel()
+    with pytest.raises(grpc.RpcError) as err:
+        list(stream)
+    assert err.value.code() == grpc.StatusCode.CANCELLED
+    assert predict_stub.Predict(good, timeout=60).predictions  # the gateway is fine afterwards
+
+
+def test_models_and_health_and_reflection(channel, stack):
+    models = rpc.ModelServiceStub(channel).ListModels(pb.ListModelsRequest(), timeout=10)
+    assert models.default_model == "prelabel-base"
+    (model,) = models.models
+    assert model.default_version == "1"
+    (version,) = model.versions
+    assert version.ready and version.architecture == "mobilenet_v3_small"
+    assert list(version.labels) == list(shapes.CLASSES) and version.created_at.seconds > 0
+    assert rpc.ModelServiceStub(channel).GetModel(pb.GetModelRequest(name="prelabel-base"), timeout=10) == model
+    with pytest.raises(grpc.RpcError) as err:
+        rpc.ModelServiceStub(channel).GetModel(pb.GetModelRequest(name="nope"), timeout=10)
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+    assert health_status(stack.address) == health_pb2.HealthCheckResponse.SERVING
+    assert health_status(stack.address, "prelabel.v1.PredictionService") == health_pb2.HealthCheckResponse.SERVING
+
+    reflection = reflection_pb2_grpc.ServerReflectionStub(channel)
+    answer = next(reflection.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")])))
+    names = {s.name for s in answer.list_services_response.service}
+    assert {"prelabel.v1.PredictionService", "prelabel.v1.ModelService", "prelabel.v1.JobService",
+            "prelabel.v1.DatasetService", "grpc.health.v1.Health"} <= names
+
+
+def test_metrics(stack, predict_stub, labelled_images):
+    predict_stub.Predict(request([(i, c) for i, c, _ in labelled_images[:4]]), timeout=60)
+    with pytest.raises(grpc.RpcError):
+        predict_stub.Predict(request([]), timeout=10)
+    text = urllib.request.urlopen(stack.metrics_url, timeout=10).read().decode()
+    assert 'prelabel_grpc_requests_total{code="OK",method="Predict"}' in text
+    assert 'prelabel_grpc_requests_total{code="INVALID_ARGUMENT",method="Predict"}' in text
+    assert 'prelabel_grpc_request_duration_seconds_bucket{le="0.1",method="Predict"}' in text
+    assert 'prelabel_images_predicted_total{model="prelabel-base"}' in text
+    assert 'prelabel_triton_request_duration_seconds_count{model="prelabel-base"}' in text
+    assert "prelabel_image_bytes_total" in text and "prelabel_triton_up 1.0" in text
+    predicted = next(line for line in text.splitlines() if line.startswith("prelabel_images_predicted_total{"))
+    assert float(predicted.split()[-1]) >= 4
+    triton = urllib.request.urlopen(f"http://{stack.triton_url.split(':')[0]}:{_triton_metrics_port(stack)}/metrics", timeout=10)
+    assert 'nv_inference_request_success{model="prelabel-base"' in triton.read().decode()
+
+
+def _triton_metrics_port(stack: Stack) -> str:
+    line = next(line for line in stack.process.stdout if "Triton at" in line)
+    return line.split("(metrics http://")[1].split(":")[1].split("/")[0]
+
+
+def test_cli_predict_folder_and_models(stack, labelled_images, tmp_path):
+    folder = tmp_path / "photos"
+    (folder / "nested").mkdir(parents=True)
+    for n, (i, content, _) in enumerate(labelled_images[:12]):
+        ext = i.rsplit("-", 1)[1].replace("jpeg", "jpg")
+        ((folder / "nested") if n % 2 else folder).joinpath(f"{i}.{ext}").write_bytes(content)
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nbroken")
+    (folder / "notes.txt").write_text("not an image")
+    out = tmp_path / "predictions.jsonl"
+    run = subprocess.run(
+        [PRELABEL, "predict", str(folder), "--server", stack.address, "--out", str(out), "--batch-size", "5", "--top-k", "2"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert run.returncode == 0, run.stderr
+    assert "13/13" in run.stderr and "pre-labeled 12 of 13 images; 1 could not be used" in run.stderr
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 13
+    truth = {i: label for i, _, label in labelled_images}
+    for row in rows:
+        name = row["path"].rsplit("/", 1)[1]
+        if name == "broken.png":
+            assert row["error"]["code"] == "INVALID_ARGUMENT"
+            continue
+        assert len(row["labels"]) == 2 and set(row["uncertainty"]) == {"entropy", "margin", "least_confidence"}
+        assert row["labels"][0]["name"] == truth[name.rsplit(".", 1)[0]]
+        assert math.isclose(sum(label["score"] for label in row["labels"]), 1.0, abs_tol=0.2)
+    listing = subprocess.run([PRELABEL, "models", "--server", stack.address], capture_output=True, text=True, timeout=60)
+    assert listing.returncode == 0 and "prelabel-base (default)" in listing.stdout and "mobilenet_v3_small" in listing.stdout
+
+
+def test_cli_reports_missing_gateway(tmp_path):
+    run = subprocess.run([PRELABEL, "models", "--server", "127.0.0.1:9", "--timeout", "1"], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 2 and "no Prelabel gateway answers at 127.0.0.1:9" in run.stderr
+
