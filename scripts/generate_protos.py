@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Generate the Python gRPC code for protos/ into services/prelabel/v1 (committed; a test checks it).
 
-    .venv/bin/python scripts/generate_protos.py [--out DIR]
+.venv/bin/python scripts/generate_protos.py [--out DIR]
 """
 
 from __future__ import annotations

@@ -16,10 +16,9 @@ import time
 
 import numpy as np
 import torch
-from torch import nn
-
 from prelabel.datasets import shapes
 from prelabel.models import backbones, base
+from torch import nn
 
 
 def to_tensor(images: np.ndarray, preprocess: backbones.Preprocess) -> torch.Tensor:
@@ -63,7 +62,9 @@ def main() -> None:
     eval_images, eval_labels = shapes.sample(args.eval_images, base.IMAGE_SIZE, seed=args.seed + 1)
     stacked = np.stack([np.asarray(im) for im in eval_images])
     with torch.inference_mode():
-        logits, embeddings = zip(*(model(to_tensor(stacked[i : i + 256], preprocess)) for i in range(0, len(stacked), 256)), strict=True)
+        logits, embeddings = zip(
+            *(model(to_tensor(stacked[i : i + 256], preprocess)) for i in range(0, len(stacked), 256)), strict=True
+        )
     accuracy = float((torch.cat(logits).argmax(1).numpy() == np.asarray(eval_labels)).mean())
     print(f"held-out accuracy {accuracy:.4f}")
 

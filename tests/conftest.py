@@ -9,10 +9,10 @@ from pathlib import Path
 import grpc
 import pytest
 from PIL import Image
-
 from prelabel.datasets import shapes
 from prelabel.v1 import prelabel_pb2 as pb
 from prelabel.v1 import prelabel_pb2_grpc as rpc
+
 from tests.stack import Stack, wait_for_health
 
 # Limits lowered so that tests can hit each of them with small inputs.
@@ -53,9 +53,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
 
 @pytest.fixture(scope="session")
 def channel(stack: Stack) -> Iterator[grpc.Channel]:
-    with grpc.insecure_channel(
-        stack.address, options=[("grpc.max_send_message_length", 64 * 1024 * 1024)]
-    ) as ch:
+    with grpc.insecure_channel(stack.address, options=[("grpc.max_send_message_length", 64 * 1024 * 1024)]) as ch:
         yield ch
 
 

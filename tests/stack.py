@@ -104,13 +104,18 @@ class Stack:
 
     @classmethod
     def serve(cls, data_dir: Path, command: str = "serve", extra: list[str] | None = None, **settings: object) -> Stack:
-        process = Process([command, "--grpc-port", "0", "--metrics-port", "0", *(extra or [])],
-                          environment(data_dir, **settings)).start()
+        process = Process(
+            [command, "--grpc-port", "0", "--metrics-port", "0", *(extra or [])], environment(data_dir, **settings)
+        ).start()
         port = process.wait_for_line(LISTENING).group(1)
         metrics = METRICS.search("".join(process.stdout))
         triton = TRITON.search("".join(process.stdout))
-        stack = cls(process, f"127.0.0.1:{port}", f"http://127.0.0.1:{metrics.group(1)}/metrics" if metrics else None,
-                    triton.group(1) if triton else "")
+        stack = cls(
+            process,
+            f"127.0.0.1:{port}",
+            f"http://127.0.0.1:{metrics.group(1)}/metrics" if metrics else None,
+            triton.group(1) if triton else "",
+        )
         return stack
 
     def stop(self) -> int:

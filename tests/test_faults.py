@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2
 from PIL import Image, ImageDraw
-
 from prelabel.datasets import shapes
 from prelabel.v1 import prelabel_pb2_grpc as rpc
+
 from tests.conftest import encode, request
 from tests.stack import Process, Stack, environment, health_status, wait_for_health
 
@@ -101,8 +101,12 @@ def test_gateway_with_a_separate_triton(tmp_path):
     gateway = None
     try:
         url = triton.wait_for_line(__import__("re").compile(r"Triton at ([\d.]+:\d+)")).group(1)
-        gateway = Stack.serve(tmp_path / "gateway", command="gateway", extra=["--triton-url", url],
-                              model_repository=tmp_path / "triton" / "models")
+        gateway = Stack.serve(
+            tmp_path / "gateway",
+            command="gateway",
+            extra=["--triton-url", url],
+            model_repository=tmp_path / "triton" / "models",
+        )
         wait_for_health(gateway.address, timeout=60)
         with grpc.insecure_channel(gateway.address) as channel:
             stub = rpc.PredictionServiceStub(channel)

@@ -15,10 +15,10 @@ from google.rpc import code_pb2
 from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from PIL import Image
-
 from prelabel.datasets import shapes
 from prelabel.v1 import prelabel_pb2 as pb
 from prelabel.v1 import prelabel_pb2_grpc as rpc
+
 from tests.conftest import encode, request
 from tests.stack import PRELABEL, Stack, health_status
 
@@ -87,15 +87,33 @@ def test_large_photo_is_resized_not_rejected(predict_stub):
         (lambda imgs: request(imgs[:1], top_k=-1), grpc.StatusCode.INVALID_ARGUMENT, "top_k"),
         (lambda imgs: request(imgs[:1], top_k=1000), grpc.StatusCode.INVALID_ARGUMENT, "top_k"),
         (lambda imgs: request(imgs[:1] * 65), grpc.StatusCode.RESOURCE_EXHAUSTED, "PRELABEL_MAX_IMAGES_PER_REQUEST"),
-        (lambda imgs: request([("big", b"\0" * 1_000_001)]), grpc.StatusCode.RESOURCE_EXHAUSTED, "PRELABEL_MAX_IMAGE_BYTES"),
-        (lambda imgs: request([(str(i), b"\0" * 900_000) for i in range(5)]), grpc.StatusCode.RESOURCE_EXHAUSTED, "larger than max"),
+        (
+            lambda imgs: request([("big", b"\0" * 1_000_001)]),
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            "PRELABEL_MAX_IMAGE_BYTES",
+        ),
+        (
+            lambda imgs: request([(str(i), b"\0" * 900_000) for i in range(5)]),
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            "larger than max",
+        ),
         (lambda imgs: request(imgs[:1], model="no-such-model"), grpc.StatusCode.NOT_FOUND, "does not exist"),
         (lambda imgs: request(imgs[:1], version="7"), grpc.StatusCode.NOT_FOUND, "no version 7"),
         (lambda imgs: request(imgs[:1], version="latest"), grpc.StatusCode.INVALID_ARGUMENT, "not a number"),
         (lambda imgs: request(imgs[:1], model="../etc"), grpc.StatusCode.INVALID_ARGUMENT, "not valid"),
     ],
-    ids=["empty", "negative-top-k", "huge-top-k", "too-many-images", "image-too-big", "message-too-big",
-         "unknown-model", "unknown-version", "bad-version", "path-traversal"],
+    ids=[
+        "empty",
+        "negative-top-k",
+        "huge-top-k",
+        "too-many-images",
+        "image-too-big",
+        "message-too-big",
+        "unknown-model",
+        "unknown-version",
+        "bad-version",
+        "path-traversal",
+    ],
 )
 def test_request_errors(predict_stub, labelled_images, build, code, words):
     images = [(i, c) for i, c, _ in labelled_images]
@@ -180,8 +198,13 @@ def test_models_and_health_and_reflection(channel, stack):
     reflection = reflection_pb2_grpc.ServerReflectionStub(channel)
     answer = next(reflection.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")])))
     names = {s.name for s in answer.list_services_response.service}
-    assert {"prelabel.v1.PredictionService", "prelabel.v1.ModelService", "prelabel.v1.JobService",
-            "prelabel.v1.DatasetService", "grpc.health.v1.Health"} <= names
+    assert {
+        "prelabel.v1.PredictionService",
+        "prelabel.v1.ModelService",
+        "prelabel.v1.JobService",
+        "prelabel.v1.DatasetService",
+        "grpc.health.v1.Health",
+    } <= names
 
 
 def test_metrics(stack, predict_stub, labelled_images):
@@ -197,7 +220,9 @@ def test_metrics(stack, predict_stub, labelled_images):
     assert "prelabel_image_bytes_total" in text and "prelabel_triton_up 1.0" in text
     predicted = next(line for line in text.splitlines() if line.startswith("prelabel_images_predicted_total{"))
     assert float(predicted.split()[-1]) >= 4
-    triton = urllib.request.urlopen(f"http://{stack.triton_url.split(':')[0]}:{_triton_metrics_port(stack)}/metrics", timeout=10)
+    triton = urllib.request.urlopen(
+        f"http://{stack.triton_url.split(':')[0]}:{_triton_metrics_port(stack)}/metrics", timeout=10
+    )
     assert 'nv_inference_request_success{model="prelabel-base"' in triton.read().decode()
 
 
@@ -216,8 +241,22 @@ def test_cli_predict_folder_and_models(stack, labelled_images, tmp_path):
     (folder / "notes.txt").write_text("not an image")
     out = tmp_path / "predictions.jsonl"
     run = subprocess.run(
-        [PRELABEL, "predict", str(folder), "--server", stack.address, "--out", str(out), "--batch-size", "5", "--top-k", "2"],
-        capture_output=True, text=True, timeout=120,
+        [
+            PRELABEL,
+            "predict",
+            str(folder),
+            "--server",
+            stack.address,
+            "--out",
+            str(out),
+            "--batch-size",
+            "5",
+            "--top-k",
+            "2",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert run.returncode == 0, run.stderr
     assert "13/13" in run.stderr and "pre-labeled 12 of 13 images; 1 could not be used" in run.stderr
@@ -232,11 +271,18 @@ def test_cli_predict_folder_and_models(stack, labelled_images, tmp_path):
         assert len(row["labels"]) == 2 and set(row["uncertainty"]) == {"entropy", "margin", "least_confidence"}
         assert row["labels"][0]["name"] == truth[name.rsplit(".", 1)[0]]
         assert math.isclose(sum(label["score"] for label in row["labels"]), 1.0, abs_tol=0.2)
-    listing = subprocess.run([PRELABEL, "models", "--server", stack.address], capture_output=True, text=True, timeout=60)
-    assert listing.returncode == 0 and "prelabel-base (default)" in listing.stdout and "mobilenet_v3_small" in listing.stdout
+    listing = subprocess.run(
+        [PRELABEL, "models", "--server", stack.address], capture_output=True, text=True, timeout=60
+    )
+    assert (
+        listing.returncode == 0
+        and "prelabel-base (default)" in listing.stdout
+        and "mobilenet_v3_small" in listing.stdout
+    )
 
 
 def test_cli_reports_missing_gateway(tmp_path):
-    run = subprocess.run([PRELABEL, "models", "--server", "127.0.0.1:9", "--timeout", "1"], capture_output=True, text=True, timeout=60)
+    run = subprocess.run(
+        [PRELABEL, "models", "--server", "127.0.0.1:9", "--timeout", "1"], capture_output=True, text=True, timeout=60
+    )
     assert run.returncode == 2 and "no Prelabel gateway answers at 127.0.0.1:9" in run.stderr
-

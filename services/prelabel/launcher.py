@@ -91,7 +91,9 @@ async def serve(settings: Settings, parts: str = "all") -> None:
             if not triton_url:
                 raise Unavailable("the gateway needs a Triton: pass --triton-url HOST:PORT or set PRELABEL_TRITON_URL")
             gateway, metrics_port = await _start_gateway(settings, triton_url)
-        _announce(settings, gateway, metrics_port, triton_url + (f" (metrics {supervisor.metrics_url})" if supervisor else ""))
+        _announce(
+            settings, gateway, metrics_port, triton_url + (f" (metrics {supervisor.metrics_url})" if supervisor else "")
+        )
         await stop.wait()
         log.info("shutting down: finishing in-flight calls (grace %.0fs)", settings.grace_period_s)
     finally:

@@ -16,8 +16,11 @@ RPCS = Counter(
     "prelabel_grpc_requests", "gRPC calls handled, by method and status code.", ["method", "code"], registry=REGISTRY
 )
 RPC_LATENCY = Histogram(
-    "prelabel_grpc_request_duration_seconds", "gRPC call latency, by method.", ["method"],
-    buckets=LATENCY_BUCKETS, registry=REGISTRY,
+    "prelabel_grpc_request_duration_seconds",
+    "gRPC call latency, by method.",
+    ["method"],
+    buckets=LATENCY_BUCKETS,
+    registry=REGISTRY,
 )
 IN_FLIGHT = Gauge("prelabel_grpc_in_flight_requests", "gRPC calls being handled now.", ["method"], registry=REGISTRY)
 IMAGES = Counter("prelabel_images_predicted", "Images that got a prediction, by model.", ["model"], registry=REGISTRY)
@@ -26,8 +29,11 @@ IMAGE_ERRORS = Counter(
     "prelabel_image_errors", "Images answered with a per-image error, by reason.", ["reason"], registry=REGISTRY
 )
 TRITON_LATENCY = Histogram(
-    "prelabel_triton_request_duration_seconds", "Latency of inference calls to Triton, by model.", ["model"],
-    buckets=LATENCY_BUCKETS, registry=REGISTRY,
+    "prelabel_triton_request_duration_seconds",
+    "Latency of inference calls to Triton, by model.",
+    ["model"],
+    buckets=LATENCY_BUCKETS,
+    registry=REGISTRY,
 )
 TRITON_ERRORS = Counter(
     "prelabel_triton_errors", "Failed calls to Triton, by status code.", ["code"], registry=REGISTRY

@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 from PIL import Image, UnidentifiedImageError
 
 Image.MAX_IMAGE_PIXELS = None  # our own limit is enforced (per image) before any decode
@@ -76,7 +77,7 @@ def inspect(content: bytes) -> Header:
         raise ImageError(f"the image header is unreadable: {exc}") from None
 
 
-def decode(content: bytes, preprocess: Preprocess, max_pixels: int = 0) -> np.ndarray:
+def decode(content: bytes, preprocess: Preprocess, max_pixels: int = 0) -> npt.NDArray[Any]:
     """Decode, resize the short side, centre-crop: ``uint8 [crop, crop, 3]`` RGB."""
     try:
         with warnings.catch_warnings():
@@ -87,8 +88,7 @@ def decode(content: bytes, preprocess: Preprocess, max_pixels: int = 0) -> np.nd
             scale = preprocess.resize / min(image.width, image.height)
             # JPEG: decode directly at the smallest scale that is still >= the target size.
             image.draft("RGB", (max(1, round(image.width * scale)), max(1, round(image.height * scale))))
-            image = image.convert("RGB")
-            return resize_crop(image, preprocess)
+            return resize_crop(image.convert("RGB"), preprocess)
     except ImageError:
         raise
     except UnidentifiedImageError:
@@ -97,7 +97,7 @@ def decode(content: bytes, preprocess: Preprocess, max_pixels: int = 0) -> np.nd
         raise ImageError(f"the image could not be decoded (corrupt or truncated?): {exc}") from None
 
 
-def resize_crop(image: Image.Image, preprocess: Preprocess) -> np.ndarray:
+def resize_crop(image: Image.Image, preprocess: Preprocess) -> npt.NDArray[Any]:
     scale = preprocess.resize / min(image.width, image.height)
     size = (max(preprocess.crop, round(image.width * scale)), max(preprocess.crop, round(image.height * scale)))
     if size != image.size:

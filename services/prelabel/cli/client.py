@@ -36,7 +36,8 @@ def image_files(paths: list[Path]) -> list[Path]:
 @contextlib.contextmanager
 def channel(server: str, timeout: float) -> Iterator[grpc.Channel]:
     with grpc.insecure_channel(
-        server, options=[("grpc.max_receive_message_length", MAX_MESSAGE), ("grpc.max_send_message_length", MAX_MESSAGE)]
+        server,
+        options=[("grpc.max_receive_message_length", MAX_MESSAGE), ("grpc.max_send_message_length", MAX_MESSAGE)],
     ) as ch:
         try:
             grpc.channel_ready_future(ch).result(timeout=min(timeout, 30))
@@ -46,7 +47,7 @@ def channel(server: str, timeout: float) -> Iterator[grpc.Channel]:
 
 
 def _fail(exc: grpc.RpcError) -> int:
-    print(f"prelabel: {exc.code().name}: {exc.details()}", file=sys.stderr)  # type: ignore[attr-defined]
+    print(f"prelabel: {exc.code().name}: {exc.details()}", file=sys.stderr)
     return 1
 
 
@@ -70,7 +71,9 @@ def prediction_json(path: Path, response: pb.PredictResponse, p: pb.Prediction) 
 def predict(server: str, args: argparse.Namespace) -> int:
     files = image_files(args.paths)
     if not files:
-        raise InvalidArgument(f"no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) under {', '.join(map(str, args.paths))}")
+        raise InvalidArgument(
+            f"no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) under {', '.join(map(str, args.paths))}"
+        )
     batches = [files[i : i + args.batch_size] for i in range(0, len(files), args.batch_size)]
 
     def requests() -> Iterator[pb.PredictRequest]:
@@ -86,9 +89,10 @@ def predict(server: str, args: argparse.Namespace) -> int:
     out: TextIO = args.out.open("w") if args.out else sys.stdout
     failed = 0
     try:
-        with channel(server, args.timeout) as ch, tqdm(
-            total=len(files), unit="img", disable=args.no_progress, file=sys.stderr
-        ) as bar:
+        with (
+            channel(server, args.timeout) as ch,
+            tqdm(total=len(files), unit="img", disable=args.no_progress, file=sys.stderr) as bar,
+        ):
             stub = rpc.PredictionServiceStub(ch)
             for batch, response in zip(batches, stub.PredictStream(requests(), timeout=None), strict=False):
                 for path, p in zip(batch, response.predictions, strict=True):
@@ -100,8 +104,12 @@ def predict(server: str, args: argparse.Namespace) -> int:
     finally:
         if args.out:
             out.close()
-    print(f"pre-labeled {len(files) - failed} of {len(files)} images" + (f"; {failed} could not be used" if failed else "")
-          + (f"; wrote {args.out}" if args.out else ""), file=sys.stderr)
+    print(
+        f"pre-labeled {len(files) - failed} of {len(files)} images"
+        + (f"; {failed} could not be used" if failed else "")
+        + (f"; wrote {args.out}" if args.out else ""),
+        file=sys.stderr,
+    )
     return 0
 
 
@@ -115,7 +123,8 @@ def models(server: str, timeout: float) -> int:
     for model in response.models:
         for v in model.versions:
             name = model.name + (" (default)" if model.name == response.default_model else "")
-            print(f"{name:<24} {v.version:>7} {('yes' if v.ready else 'no'):<5} {v.architecture:<20} {len(v.labels):>7}  {v.base_model}")
+            ready = "yes" if v.ready else "no"
+            print(f"{name:<24} {v.version:>7} {ready:<5} {v.architecture:<20} {len(v.labels):>7}  {v.base_model}")
     return 0
 
 

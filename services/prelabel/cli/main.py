@@ -22,16 +22,22 @@ def _service_flags(parser: argparse.ArgumentParser) -> None:
 def _gateway_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--grpc-host", help="address to listen on (PRELABEL_GRPC_HOST, default 127.0.0.1)")
     parser.add_argument("--grpc-port", type=int, help="gRPC port, 0 for a free one (PRELABEL_GRPC_PORT, default 50051)")
-    parser.add_argument("--metrics-port", type=int, help="Prometheus port, 0 free, -1 off (PRELABEL_METRICS_PORT, 9400)")
+    parser.add_argument(
+        "--metrics-port", type=int, help="Prometheus port, 0 free, -1 off (PRELABEL_METRICS_PORT, 9400)"
+    )
 
 
 def _client_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--server", default=None, help="gateway address HOST:PORT (default 127.0.0.1:PRELABEL_GRPC_PORT)")
+    parser.add_argument(
+        "--server", default=None, help="gateway address HOST:PORT (default 127.0.0.1:PRELABEL_GRPC_PORT)"
+    )
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for the gateway and each call")
 
 
 def parser() -> argparse.ArgumentParser:
-    root = argparse.ArgumentParser(prog="prelabel", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    root = argparse.ArgumentParser(
+        prog="prelabel", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     commands = root.add_subparsers(dest="command", required=True)
 
     serve = commands.add_parser("serve", help="run everything on this machine: embedded Triton and the gateway")

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 from PIL import Image, ImageDraw, ImageFilter
 
 CLASSES: tuple[str, ...] = (
@@ -41,7 +43,10 @@ def _contrasting(rng: np.random.Generator, bg: tuple[int, int, int]) -> tuple[in
 
 def _polygon(cx: float, cy: float, radius: float, sides: int, angle: float) -> list[tuple[float, float]]:
     return [
-        (cx + radius * math.cos(angle + 2 * math.pi * i / sides), cy + radius * math.sin(angle + 2 * math.pi * i / sides))
+        (
+            cx + radius * math.cos(angle + 2 * math.pi * i / sides),
+            cy + radius * math.sin(angle + 2 * math.pi * i / sides),
+        )
         for i in range(sides)
     ]
 
@@ -55,7 +60,9 @@ def _star(cx: float, cy: float, radius: float, angle: float) -> list[tuple[float
     return points
 
 
-def _texture(draw: ImageDraw.ImageDraw, label: str, size: int, fg: tuple[int, int, int], rng: np.random.Generator) -> None:
+def _texture(
+    draw: ImageDraw.ImageDraw, label: str, size: int, fg: tuple[int, int, int], rng: np.random.Generator
+) -> None:
     period = int(rng.integers(max(4, size // 10), max(6, size // 4)))
     if label == "stripes":
         angle = rng.uniform(0, math.pi)
@@ -63,7 +70,11 @@ def _texture(draw: ImageDraw.ImageDraw, label: str, size: int, fg: tuple[int, in
         width = max(1, period // 2)
         for offset in range(-2 * size, 2 * size, period):
             cx, cy = size / 2 + offset * -dy, size / 2 + offset * dx
-            draw.line([(cx - 2 * size * dx, cy - 2 * size * dy), (cx + 2 * size * dx, cy + 2 * size * dy)], fill=fg, width=width)
+            draw.line(
+                [(cx - 2 * size * dx, cy - 2 * size * dy), (cx + 2 * size * dx, cy + 2 * size * dy)],
+                fill=fg,
+                width=width,
+            )
     elif label == "checkerboard":
         for y in range(0, size, period):
             for x in range(0, size, period):
@@ -114,7 +125,7 @@ def render(label: int, size: int, rng: np.random.Generator) -> Image.Image:
     return image
 
 
-def batches(batch_size: int, size: int, seed: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+def batches(batch_size: int, size: int, seed: int) -> Iterator[tuple[npt.NDArray[Any], npt.NDArray[Any]]]:
     """An endless stream of ``(images uint8 [N,H,W,3], labels int64 [N])`` with balanced classes."""
     rng = np.random.default_rng(seed)
     while True:

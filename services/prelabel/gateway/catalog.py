@@ -102,7 +102,7 @@ class ModelCatalog:
                 version=str(number),
                 base_model=card.base_model,
                 architecture=card.arch,
-                strategy=pb.Strategy.Value(card.strategy) if card.strategy in pb.Strategy.keys() else 0,
+                strategy=card.strategy if card.strategy in pb.Strategy.DESCRIPTOR.values_by_name else None,
                 strategy_reason=card.strategy_reason,
                 labels=card.labels,
                 metrics=card.metrics,

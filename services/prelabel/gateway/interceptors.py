@@ -38,11 +38,13 @@ class _Call:
         if isinstance(exc, asyncio.CancelledError):
             remaining = context.time_remaining()
             self.code = (
-                grpc.StatusCode.DEADLINE_EXCEEDED if remaining is not None and remaining <= 0 else grpc.StatusCode.CANCELLED
+                grpc.StatusCode.DEADLINE_EXCEEDED
+                if remaining is not None and remaining <= 0
+                else grpc.StatusCode.CANCELLED
             )
             raise exc
         if isinstance(exc, aio.AbortError):
-            self.code = context.code() or grpc.StatusCode.UNKNOWN  # type: ignore[assignment]
+            self.code = context.code() or grpc.StatusCode.UNKNOWN
             raise exc
         self.code = grpc.StatusCode.INTERNAL
         log.exception("%s failed with an unexpected error", self.method)
@@ -54,7 +56,7 @@ class _Call:
         metrics.RPC_LATENCY.labels(self.method).observe(time.perf_counter() - self.started)
 
 
-class ErrorsAndMetrics(aio.ServerInterceptor):
+class ErrorsAndMetrics(aio.ServerInterceptor):  # type: ignore[misc]
     async def intercept_service(
         self,
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
@@ -83,7 +85,9 @@ class ErrorsAndMetrics(aio.ServerInterceptor):
                 finally:
                     call.done()
 
-            factory = grpc.unary_unary_rpc_method_handler if handler.unary_unary else grpc.stream_unary_rpc_method_handler
+            factory = (
+                grpc.unary_unary_rpc_method_handler if handler.unary_unary else grpc.stream_unary_rpc_method_handler
+            )
             return factory(unary, **kwargs)
 
         behaviour = handler.unary_stream or handler.stream_stream
@@ -98,5 +102,7 @@ class ErrorsAndMetrics(aio.ServerInterceptor):
             finally:
                 call.done()
 
-        factory = grpc.unary_stream_rpc_method_handler if handler.unary_stream else grpc.stream_stream_rpc_method_handler
+        factory = (
+            grpc.unary_stream_rpc_method_handler if handler.unary_stream else grpc.stream_stream_rpc_method_handler
+        )
         return factory(streaming, **kwargs)

@@ -46,7 +46,9 @@ class Predictor:
                 "(PRELABEL_MAX_IMAGES_PER_REQUEST); split the batch or use PredictStream"
             )
         if request.top_k < 0 or request.top_k > s.max_top_k:
-            raise InvalidArgument(f"top_k={request.top_k} is out of range; use 1..{s.max_top_k}, or 0 for {s.default_top_k}")
+            raise InvalidArgument(
+                f"top_k={request.top_k} is out of range; use 1..{s.max_top_k}, or 0 for {s.default_top_k}"
+            )
         for image in request.images:
             if len(image.content) > s.max_image_bytes:
                 raise ResourceExhausted(
@@ -68,12 +70,14 @@ class Predictor:
                 predictions[i].error.CopyFrom(image_error(grpc.StatusCode.INVALID_ARGUMENT, str(exc), "undecodable"))
                 continue
             if header.pixels > self.settings.max_image_pixels:
-                predictions[i].error.CopyFrom(image_error(
-                    grpc.StatusCode.RESOURCE_EXHAUSTED,
-                    f"{header.width}x{header.height} pixels is over the limit of {self.settings.max_image_pixels} "
-                    "(PRELABEL_MAX_IMAGE_PIXELS); downscale the image",
-                    "too_many_pixels",
-                ))
+                predictions[i].error.CopyFrom(
+                    image_error(
+                        grpc.StatusCode.RESOURCE_EXHAUSTED,
+                        f"{header.width}x{header.height} pixels is over the limit of {self.settings.max_image_pixels} "
+                        "(PRELABEL_MAX_IMAGE_PIXELS); downscale the image",
+                        "too_many_pixels",
+                    )
+                )
                 continue
             usable.append(i)
         if usable:
@@ -89,12 +93,21 @@ class Predictor:
         top_k: int,
         time_remaining: float | None,
     ) -> None:
-        timeout = self.settings.default_timeout_s if time_remaining is None else min(time_remaining, self.settings.default_timeout_s)
+        timeout = (
+            self.settings.default_timeout_s
+            if time_remaining is None
+            else min(time_remaining, self.settings.default_timeout_s)
+        )
         if timeout <= 0:
             raise DeadlineExceeded("the deadline passed before inference started; retry with a longer deadline")
         size = target.max_batch_size or len(usable)
         chunks = [usable[i : i + size] for i in range(0, len(usable), size)]
-        results = await asyncio.gather(*(self._call(target, [request.images[i].content for i in c], request.include_embedding, timeout) for c in chunks))
+        results = await asyncio.gather(
+            *(
+                self._call(target, [request.images[i].content for i in c], request.include_embedding, timeout)
+                for c in chunks
+            )
+        )
         labels = target.card.labels
         threshold = target.card.auto_accept_threshold
         k = min(top_k, len(labels))
@@ -102,14 +115,18 @@ class Predictor:
             probs = result.probabilities
             order = np.argsort(-probs, axis=1, kind="stable")[:, :k]
             top = np.take_along_axis(probs, order, axis=1)
-            second = top[:, 1] if k > 1 else np.sort(probs, axis=1)[:, -2] if probs.shape[1] > 1 else np.zeros(len(probs))
+            second = (
+                top[:, 1] if k > 1 else np.sort(probs, axis=1)[:, -2] if probs.shape[1] > 1 else np.zeros(len(probs))
+            )
             entropy = -(probs * np.log(np.clip(probs, 1e-12, 1.0))).sum(axis=1) / max(np.log(probs.shape[1]), 1e-12)
             for row, i in enumerate(chunk):
                 p = predictions[i]
                 if result.errors[row]:
                     p.error.CopyFrom(image_error(grpc.StatusCode.INVALID_ARGUMENT, result.errors[row], "undecodable"))
                     continue
-                p.labels.extend(pb.Label(name=labels[j], score=float(s)) for j, s in zip(order[row], top[row], strict=True))
+                p.labels.extend(
+                    pb.Label(name=labels[j], score=float(s)) for j, s in zip(order[row], top[row], strict=True)
+                )
                 p.uncertainty.entropy = float(np.clip(entropy[row], 0.0, 1.0))
                 p.uncertainty.margin = float(top[row, 0] - second[row])
                 p.uncertainty.least_confidence = float(1.0 - top[row, 0])

@@ -73,8 +73,12 @@ async def _watch_triton(catalog: ModelCatalog, health_servicer: health.aio.Healt
             for service in ("", *SERVICES):
                 await health_servicer.set(service, SERVING if now else NOT_SERVING)
             metrics.TRITON_UP.set(1 if now else 0)
-            log.info("health: %s (default model %r %s)", "SERVING" if now else "NOT_SERVING",
-                     catalog.default_model, "ready" if now else "not ready")
+            log.info(
+                "health: %s (default model %r %s)",
+                "SERVING" if now else "NOT_SERVING",
+                catalog.default_model,
+                "ready" if now else "not ready",
+            )
             serving = now
         await asyncio.sleep(period_s)
 

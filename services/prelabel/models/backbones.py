@@ -51,9 +51,7 @@ ARCHITECTURES: dict[str, Architecture] = {
         Architecture(
             "mobilenet_v3_large", "mobilenet", tvm.mobilenet_v3_large, tvm.MobileNet_V3_Large_Weights.IMAGENET1K_V2
         ),
-        Architecture(
-            "efficientnet_b0", "efficientnet", tvm.efficientnet_b0, tvm.EfficientNet_B0_Weights.IMAGENET1K_V1
-        ),
+        Architecture("efficientnet_b0", "efficientnet", tvm.efficientnet_b0, tvm.EfficientNet_B0_Weights.IMAGENET1K_V1),
         Architecture("vit_b_16", "vit", tvm.vit_b_16, tvm.ViT_B_16_Weights.IMAGENET1K_V1),
     )
 }
@@ -150,8 +148,8 @@ def _torchvision_to_classifier(model: Classifier, state: dict[str, torch.Tensor]
     ) or _last_linear_prefix(state)
     out: dict[str, torch.Tensor] = {}
     for key, value in state.items():
-        if key.startswith(head_prefix) and key[len(head_prefix):] in head_keys:
-            out["head." + key[len(head_prefix):]] = value
+        if key.startswith(head_prefix) and key[len(head_prefix) :] in head_keys:
+            out["head." + key[len(head_prefix) :]] = value
         else:
             out["body." + key] = value
     return out

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 from prelabel.preprocessing import Preprocess
 
@@ -46,7 +47,7 @@ def files(assets: Path = ASSETS) -> BaseModelFiles:
     )
 
 
-def reference_statistics(embeddings: np.ndarray) -> dict[str, np.ndarray]:
+def reference_statistics(embeddings: npt.NDArray[Any]) -> dict[str, npt.NDArray[Any]]:
     """Mean and covariance of embeddings: a Gaussian fit for Fréchet-style similarity."""
     x = embeddings.astype(np.float64)
     return {

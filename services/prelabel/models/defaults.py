@@ -15,6 +15,7 @@ import torch
 
 from prelabel.errors import InvalidArgument
 from prelabel.models import backbones, base
+from prelabel.preprocessing import Preprocess
 from prelabel.triton.repository import ModelRepository, VersionCard
 
 log = logging.getLogger("prelabel.models")
@@ -34,7 +35,10 @@ def ensure_default_model(repository: ModelRepository, name: str, spec: str) -> N
         _install_builtin(repository, name)
         log.info(
             "serving Prelabel's built-in base model %r (%s pre-trained on generated shapes; labels: %s); %s",
-            name, base.ARCH, ", ".join(base.files().read_card()["labels"]), IMAGENET_HINT,
+            name,
+            base.ARCH,
+            ", ".join(base.files().read_card()["labels"]),
+            IMAGENET_HINT,
         )
         return
     arch, _, weights = spec.partition(":")
@@ -67,7 +71,7 @@ def _install_builtin(repository: ModelRepository, name: str) -> None:
     repository.add_version(name, card, write)
 
 
-def _from_file(arch: str, path: Path) -> tuple[backbones.Classifier, list[str], backbones.Preprocess]:
+def _from_file(arch: str, path: Path) -> tuple[backbones.Classifier, list[str], Preprocess]:
     """A local torchvision-format (ImageNet, 1000 classes) or Prelabel-format weights file."""
     a = backbones.architecture(arch)
     model = backbones.build(arch, num_classes=len(a.weights.meta["categories"]))

@@ -9,8 +9,10 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 import torch
 
 from prelabel.models import backbones
@@ -20,8 +22,8 @@ from prelabel.triton.repository import VersionCard
 
 @dataclass
 class Outputs:
-    probabilities: np.ndarray  # float32 [N, classes]; zeros for failed images
-    embeddings: np.ndarray  # float32 [N, dim]
+    probabilities: npt.NDArray[Any]  # float32 [N, classes]; zeros for failed images
+    embeddings: npt.NDArray[Any]  # float32 [N, dim]
     errors: list[str]  # "" where the image was used
 
 
@@ -42,7 +44,7 @@ class Runner:
         # PIL releases the GIL while decoding, so threads decode a batch in parallel.
         self.pool = ThreadPoolExecutor(max_workers=max(1, min(8, os.cpu_count() or 1)))
 
-    def _decode(self, content: bytes) -> np.ndarray | str:
+    def _decode(self, content: bytes) -> npt.NDArray[Any] | str:
         try:
             return decode(content, self.card.preprocess, self.max_pixels)
         except ImageError as exc:
@@ -55,14 +57,14 @@ class Runner:
         probabilities = np.zeros((len(images), len(self.card.labels)), dtype=np.float32)
         embeddings = np.zeros((len(images), self.model.embedding_dim), dtype=np.float32)
         if ok:
-            pixels = np.stack([decoded[i] for i in ok])  # type: ignore[misc]
+            pixels = np.stack([decoded[i] for i in ok])
             probs, emb = self.forward(torch.from_numpy(pixels))
             probabilities[ok] = probs
             embeddings[ok] = emb
         return Outputs(probabilities, embeddings, errors)
 
     @torch.inference_mode()
-    def forward(self, pixels: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    def forward(self, pixels: torch.Tensor) -> tuple[npt.NDArray[Any], npt.NDArray[Any]]:
         """``uint8 [N, H, W, 3]`` to calibrated probabilities and embeddings."""
         x = pixels.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float()
         x = (x - self.mean) / self.std

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 import tritonclient.grpc.aio as triton_grpc
 from tritonclient.utils import InferenceServerException
 
@@ -28,8 +29,8 @@ class ModelState:
 
 @dataclass
 class InferOutputs:
-    probabilities: np.ndarray
-    embeddings: np.ndarray | None
+    probabilities: npt.NDArray[Any]
+    embeddings: npt.NDArray[Any] | None
     errors: list[str]
 
 

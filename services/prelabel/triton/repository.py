@@ -163,6 +163,7 @@ class ModelRepository:
         )
         path = self.root / name / "config.pbtxt"
         if not path.is_file() or path.read_text() != text:
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text(text)
+            fd, tmp = tempfile.mkstemp(prefix=".config-", dir=path.parent)  # unique: writers may race
+            with os.fdopen(fd, "w") as f:
+                f.write(text)
             os.replace(tmp, path)

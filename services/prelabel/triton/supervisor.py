@@ -68,8 +68,11 @@ class TritonPaths:
 
     @property
     def stub(self) -> Path:
-        return self.root / "python_backend_stubs" / f"{sys.version_info.major}.{sys.version_info.minor}" / (
-            "triton_python_backend_stub"
+        return (
+            self.root
+            / "python_backend_stubs"
+            / f"{sys.version_info.major}.{sys.version_info.minor}"
+            / ("triton_python_backend_stub")
         )
 
 
@@ -102,6 +105,7 @@ class TritonSupervisor:
         self.restarts = 0
         self._stopping = False
         self._watcher: asyncio.Task[None] | None = None
+        self._log_pump: asyncio.Task[None] | None = None
         self._recent_errors: deque[str] = deque(maxlen=20)
 
     @property
@@ -198,7 +202,7 @@ class TritonSupervisor:
             preexec_fn=_die_with_parent,
             start_new_session=True,  # a terminal's Ctrl-C goes to us; we stop Triton in order
         )
-        asyncio.create_task(self._pump_log(self.process), name="triton-log")
+        self._log_pump = asyncio.create_task(self._pump_log(self.process), name="triton-log")
 
     async def _pump_log(self, process: asyncio.subprocess.Process) -> None:
         """Copy the server's output to its log file; repeat error lines (``E1125 ...``) in ours."""
@@ -246,7 +250,10 @@ class TritonSupervisor:
             metrics.TRITON_RESTARTS.inc()
             log.error(
                 "Triton exited unexpectedly (code %s); restarting in %.0fs (restart %d). Last errors: %s",
-                code, backoff, self.restarts, " | ".join(self._recent_errors) or "none",
+                code,
+                backoff,
+                self.restarts,
+                " | ".join(self._recent_errors) or "none",
             )
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, 30.0)

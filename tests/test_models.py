@@ -1,0 +1,119 @@
+"""Backbones, weight loading, the built-in base model and the runner that Triton uses."""
+
+from __future__ import annotations
+
+import urllib.error
+
+import numpy as np
+import pytest
+import torch
+from prelabel.datasets import shapes
+from prelabel.errors import InvalidArgument, NotFound, Unavailable
+from prelabel.models import backbones, base
+from prelabel.models.defaults import ensure_default_model
+from prelabel.models.runner import Runner
+from prelabel.triton.repository import ModelRepository
+
+from tests.conftest import encode
+
+EMBEDDING = {"resnet18": 512, "resnet50": 2048, "mobilenet_v3_small": 1024, "mobilenet_v3_large": 1280,
+             "efficientnet_b0": 1280, "vit_b_16": 768}  # fmt: skip
+
+
+@pytest.mark.parametrize("arch", sorted(backbones.ARCHITECTURES))
+def test_every_architecture_splits_into_body_and_head(arch):
+    size = 224 if arch == "vit_b_16" else 64
+    model = backbones.build(arch, num_classes=3, image_size=size).eval()
+    with torch.inference_mode():
+        logits, embedding = model(torch.randn(2, 3, size, size))
+    assert logits.shape == (2, 3) and embedding.shape == (2, EMBEDDING[arch])
+    assert model.embedding_dim == EMBEDDING[arch]
+    preprocess = backbones.architecture(arch).imagenet_preprocess()
+    assert preprocess.crop == 224 and len(preprocess.mean) == 3
+
+
+def test_unknown_architecture():
+    with pytest.raises(InvalidArgument, match="resnet18"):
+        backbones.build("alexnet", 2)
+
+
+def test_torchvision_format_weights_load_into_the_split_model(tmp_path):
+    import torchvision.models as tvm
+
+    reference = tvm.resnet18(num_classes=7).eval()
+    torch.save(reference.state_dict(), tmp_path / "resnet18.pth")
+    model = backbones.build("resnet18", 7).eval()
+    backbones.load_state(model, tmp_path / "resnet18.pth")
+    x = torch.randn(1, 3, 64, 64)
+    with torch.inference_mode():
+        torch.testing.assert_close(model(x)[0], reference(x))
+    with pytest.raises(NotFound):
+        backbones.load_state(model, tmp_path / "missing.pth")
+    with pytest.raises(InvalidArgument, match="does not fit"):
+        backbones.load_state(backbones.build("resnet50", 7), tmp_path / "resnet18.pth")
+
+
+def test_imagenet_weights_without_a_network_say_what_to_do(monkeypatch, tmp_path):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
+    with pytest.raises(Unavailable) as err:
+        backbones.imagenet("resnet18")
+    assert "copy https://download.pytorch.org/models/resnet18" in err.value.message
+    assert str(tmp_path / "hub" / "checkpoints") in err.value.message
+
+
+def test_local_weights_file_as_the_default_model(tmp_path):
+    import torchvision.models as tvm
+
+    torch.save(tvm.resnet18().state_dict(), tmp_path / "r18.pth")
+    repo = ModelRepository(tmp_path / "models")
+    ensure_default_model(repo, "resnet18", f"resnet18:{tmp_path / 'r18.pth'}")
+    c = repo.card("resnet18", 1)
+    assert len(c.labels) == 1000 and c.labels[0] == "tench" and c.preprocess.crop == 224
+    with pytest.raises(InvalidArgument, match="builtin, ARCH:imagenet"):
+        ensure_default_model(repo, "other", "resnet18")
+
+
+def test_builtin_base_model_is_small_and_documented():
+    files = base.files()
+    assert files.weights.stat().st_size <= 10 * 1024 * 1024
+    card = files.read_card()
+    assert card["arch"] == base.ARCH and card["labels"] == list(shapes.CLASSES)
+    assert card["pretraining"]["heldout_accuracy"] > 0.95
+    reference = np.load(files.reference)
+    assert reference["mean"].shape == (1024,) and reference["cov"].shape == (1024, 1024)
+
+
+@pytest.fixture(scope="module")
+def runner(tmp_path_factory) -> Runner:
+    repo = ModelRepository(tmp_path_factory.mktemp("repo"))
+    ensure_default_model(repo, "prelabel-base", "builtin")
+    ensure_default_model(repo, "prelabel-base", "builtin")  # idempotent: still one version
+    assert repo.versions("prelabel-base") == [1]
+    return Runner(repo.version_dir("prelabel-base", 1))
+
+
+def test_runner_labels_generated_images_and_reports_bad_ones(runner):
+    images, labels = shapes.sample(40, 96, seed=123)
+    blobs = [encode(im, "PNG") for im in images] + [b"junk"]
+    out = runner.run(blobs)
+    predicted = out.probabilities[:40].argmax(1)
+    assert (predicted == np.array(labels)).mean() >= 0.9
+    np.testing.assert_allclose(out.probabilities[:40].sum(1), 1.0, rtol=1e-5)
+    assert out.errors[:40] == [""] * 40 and "could not be decoded" in out.errors[40]
+    assert not out.probabilities[40].any() and out.embeddings.shape == (41, 1024)
+
+
+def test_runner_temperature_softens_probabilities(runner):
+    blob = [encode(shapes.sample(1, 64, seed=1)[0][0], "PNG")]
+    sharp = runner.run(blob).probabilities.max()
+    runner.card.temperature = 4.0
+    try:
+        soft = runner.run(blob).probabilities.max()
+    finally:
+        runner.card.temperature = 1.0
+    assert soft < sharp

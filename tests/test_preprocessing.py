@@ -1,0 +1,61 @@
+"""Header inspection and decoding: what the gateway and the Triton model rely on."""
+
+from __future__ import annotations
+
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image
+from prelabel.preprocessing import ImageError, Preprocess, decode, inspect
+
+from tests.conftest import encode
+
+PRE = Preprocess(resize=64, crop=56)
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "WEBP", "BMP", "GIF"])
+def test_decode_resizes_short_side_and_centre_crops(fmt):
+    image = Image.new("RGB", (400, 200), (200, 10, 10))
+    image.paste((10, 200, 10), (0, 0, 100, 200))  # a green left quarter, cropped away by the centre crop
+    pixels = decode(encode(image, fmt), PRE)
+    assert pixels.shape == (56, 56, 3) and pixels.dtype == np.uint8
+    assert pixels[:, :, 0].mean() > 150 and pixels[:, :, 1].mean() < 60
+
+
+def test_jpeg_draft_decode_matches_full_decode():
+    rng = np.random.default_rng(0)
+    photo = Image.fromarray(rng.integers(0, 255, (1600, 1200, 3), dtype=np.uint8)).resize((1200, 1600))
+    blob = encode(photo.resize((120, 160)).resize((1200, 1600)), "JPEG", quality=95)
+    fast = decode(blob, PRE).astype(float)
+    full = np.asarray(
+        Image.open(__import__("io").BytesIO(blob)).convert("RGB").resize((64, 85), Image.Resampling.BILINEAR)
+    )
+    full = full[(85 - 56) // 2 : (85 - 56) // 2 + 56, 4:60].astype(float)
+    assert np.abs(fast - full).mean() < 12  # same picture, small resampling differences
+
+
+def test_inspect_reads_only_the_header():
+    # A 20,000 x 20,000 PNG header: decoding it would need 1.2 GB, inspecting it needs nothing.
+    blob = encode(Image.new("RGB", (321, 123)), "PNG")
+    ihdr = b"IHDR" + (20_000).to_bytes(4, "big") * 2 + blob[24:29]
+    header_only = blob[:12] + ihdr + zlib.crc32(ihdr).to_bytes(4, "big") + blob[33:]
+    header = inspect(header_only)
+    assert (header.format, header.width, header.height, header.pixels) == ("PNG", 20_000, 20_000, 400_000_000)
+
+
+@pytest.mark.parametrize(
+    ("content", "words"),
+    [(b"", "empty"), (b"hello", "not a JPEG, PNG, WebP"), (b"\xff\xd8\xff\xe0garbage", "unreadable")],
+)
+def test_inspect_rejects_bad_input(content, words):
+    with pytest.raises(ImageError, match=words):
+        inspect(content)
+
+
+def test_decode_rejects_truncated_and_too_large_images():
+    blob = encode(Image.new("RGB", (300, 300), "blue"), "JPEG")
+    with pytest.raises(ImageError, match="could not be decoded"):
+        decode(blob[: len(blob) // 2], PRE)
+    with pytest.raises(ImageError, match="over the limit"):
+        decode(encode(Image.new("RGB", (3000, 3000)), "PNG"), PRE, max_pixels=1_000_000)

@@ -1,0 +1,72 @@
+"""The Triton model repository: names, configs, atomic numbered versions, cards."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+from prelabel.errors import InvalidArgument, NotFound
+from prelabel.preprocessing import Preprocess
+from prelabel.triton.repository import ModelRepository, RepositoryConfig, VersionCard, validate_name
+
+
+def card(**kw: object) -> VersionCard:
+    return VersionCard(arch="resnet18", labels=["cat", "dog"], preprocess=Preprocess(64, 64), **kw)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("name", ["", "../etc", "a/b", "UPPER", ".hidden", "x" * 64, "a..b"])
+def test_invalid_names(name):
+    with pytest.raises(InvalidArgument, match="not valid"):
+        validate_name(name)
+
+
+def test_versions_are_numbered_written_whole_and_described(tmp_path):
+    repo = ModelRepository(tmp_path / "models", RepositoryConfig(max_batch_size=16, instance_kind="KIND_CPU"))
+    assert repo.models() == [] and repo.versions("pets") == []
+    v1 = repo.add_version("pets", card(metrics={"accuracy": 0.9}), lambda d: (d / "weights.pt").write_bytes(b"w1"))
+    v2 = repo.add_version(
+        "pets", card(strategy="STRATEGY_FULL_FINE_TUNE"), lambda d: (d / "weights.pt").write_bytes(b"w2")
+    )
+    assert (v1, v2) == (1, 2) and repo.versions("pets") == [1, 2] and repo.models() == ["pets"]
+    assert (repo.version_dir("pets", 2) / "weights.pt").read_bytes() == b"w2"
+    assert "prelabel.triton.backend.model" in (repo.version_dir("pets", 1) / "model.py").read_text()
+    config = (tmp_path / "models" / "pets" / "config.pbtxt").read_text()
+    for expected in ('backend: "python"', "max_batch_size: 16", "dynamic_batching", "kind: KIND_CPU", "all { }"):
+        assert expected in config
+    assert repo.card("pets", 1).metrics == {"accuracy": 0.9}
+    assert repo.card("pets", 2).strategy == "STRATEGY_FULL_FINE_TUNE"
+    with pytest.raises(NotFound):
+        repo.card("pets", 3)
+    assert not list((tmp_path / ".models.staging").iterdir())
+
+
+def test_a_failed_write_leaves_no_version(tmp_path):
+    repo = ModelRepository(tmp_path / "models")
+
+    def broken(folder):
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        repo.add_version("pets", card(), broken)
+    assert repo.versions("pets") == []
+
+
+def test_concurrent_writers_get_distinct_versions(tmp_path):
+    repo = ModelRepository(tmp_path / "models")
+    results: list[int] = []
+    threads = [
+        threading.Thread(target=lambda: results.append(repo.add_version("pets", card(), lambda d: None)))
+        for _ in range(8)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(results) == list(range(1, 9))
+
+
+def test_card_round_trip_ignores_unknown_fields():
+    c = card(auto_accept_threshold=0.8, temperature=1.5)
+    text = c.to_json().replace('"arch"', '"future_field": 1, "arch"')
+    assert VersionCard.from_json(text) == VersionCard.from_json(c.to_json())
+    assert VersionCard.from_json(text).auto_accept_threshold == 0.8

@@ -1,0 +1,28 @@
+"""The one settings object: environment variables, flags, defaults."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from prelabel.errors import InvalidArgument
+from prelabel.settings import Settings
+
+
+def test_environment_then_flags():
+    env = {"PRELABEL_GRPC_PORT": "6000", "PRELABEL_DATA_DIR": "/srv/prelabel", "PRELABEL_MAX_IMAGE_PIXELS": "10"}
+    s = Settings.from_env(env, grpc_port=7000, metrics_port=None)
+    assert s.grpc_port == 7000 and s.metrics_port == 9400 and s.max_image_pixels == 10
+    assert s.data_dir == Path("/srv/prelabel") and s.repository == Path("/srv/prelabel/models")
+    assert s.embedded_triton and not Settings.from_env({"PRELABEL_TRITON_URL": "triton:8001"}).embedded_triton
+
+
+def test_bad_values_name_the_variable():
+    with pytest.raises(InvalidArgument, match="PRELABEL_GRPC_PORT='http'"):
+        Settings.from_env({"PRELABEL_GRPC_PORT": "http"})
+
+
+def test_env_table_lists_every_setting():
+    table = dict(Settings.env_table())
+    assert table["PRELABEL_MAX_IMAGES_PER_REQUEST"] == "256"
+    assert len(table) == len(Settings.__dataclass_fields__)
