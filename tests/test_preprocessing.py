@@ -7,7 +7,7 @@ import zlib
 import numpy as np
 import pytest
 from PIL import Image
-from prelabel.preprocessing import ImageError, Preprocess, decode, inspect
+from prelabel.preprocessing import ImageError, Preprocess, TooManyPixels, decode
 
 from tests.conftest import encode
 
@@ -35,22 +35,24 @@ def test_jpeg_draft_decode_matches_full_decode():
     assert np.abs(fast - full).mean() < 12  # same picture, small resampling differences
 
 
-def test_inspect_reads_only_the_header():
-    # A 20,000 x 20,000 PNG header: decoding it would need 1.2 GB, inspecting it needs nothing.
+def test_pixel_limit_is_checked_on_the_header_before_decoding():
+    # A 20,000 x 20,000 PNG header: decoding would need 1.2 GB; the limit is checked before that.
     blob = encode(Image.new("RGB", (321, 123)), "PNG")
     ihdr = b"IHDR" + (20_000).to_bytes(4, "big") * 2 + blob[24:29]
-    header_only = blob[:12] + ihdr + zlib.crc32(ihdr).to_bytes(4, "big") + blob[33:]
-    header = inspect(header_only)
-    assert (header.format, header.width, header.height, header.pixels) == ("PNG", 20_000, 20_000, 400_000_000)
+    bomb = blob[:12] + ihdr + zlib.crc32(ihdr).to_bytes(4, "big") + blob[33:]
+    with pytest.raises(TooManyPixels, match="20000x20000 pixels") as err:
+        decode(bomb, PRE, max_pixels=40_000_000)
+    assert err.value.code == "RESOURCE_EXHAUSTED"
 
 
 @pytest.mark.parametrize(
     ("content", "words"),
-    [(b"", "empty"), (b"hello", "not a JPEG, PNG, WebP"), (b"\xff\xd8\xff\xe0garbage", "unreadable")],
+    [(b"", "not a JPEG, PNG, WebP"), (b"hello", "not a JPEG, PNG, WebP"), (b"\xff\xd8\xff\xe0garbage", "corrupt")],
 )
-def test_inspect_rejects_bad_input(content, words):
-    with pytest.raises(ImageError, match=words):
-        inspect(content)
+def test_undecodable_input(content, words):
+    with pytest.raises(ImageError, match=words) as err:
+        decode(content, PRE)
+    assert err.value.code == "INVALID_ARGUMENT"
 
 
 def test_decode_rejects_truncated_and_too_large_images():

@@ -70,3 +70,26 @@ def test_card_round_trip_ignores_unknown_fields():
     text = c.to_json().replace('"arch"', '"future_field": 1, "arch"')
     assert VersionCard.from_json(text) == VersionCard.from_json(c.to_json())
     assert VersionCard.from_json(text).auto_accept_threshold == 0.8
+
+
+async def test_catalog_finds_versions_published_after_its_last_refresh(tmp_path):
+    from prelabel.errors import Unavailable
+    from prelabel.gateway.catalog import ModelCatalog
+    from prelabel.triton.client import TritonClient
+
+    repo = ModelRepository(tmp_path / "models")
+    repo.add_version("pets", card(), lambda d: None)
+    catalog = ModelCatalog(repo, TritonClient("127.0.0.1:9"), "pets")
+    await catalog.refresh()  # Triton unreachable: nothing is ready, but versions are known
+    assert catalog.versions == {"pets": [1]} and not catalog.triton_up
+    repo.add_version("pets", card(), lambda d: None)
+    repo.add_version("cats", card(), lambda d: None)
+    catalog.triton_up, catalog.ready = True, {"pets": {1}}
+    with pytest.raises(Unavailable, match="version 2 of 'pets' is not loaded"):
+        await catalog.resolve("pets", "2")  # found on disk, though not yet ready
+    with pytest.raises(Unavailable, match="no version of 'cats' is ready"):
+        await catalog.resolve("cats", "")
+    with pytest.raises(NotFound, match="model 'dogs' does not exist; models: cats, pets"):
+        await catalog.resolve("dogs", "")
+    assert "dogs" not in catalog.versions
+    await catalog.triton.close()

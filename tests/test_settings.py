@@ -26,3 +26,9 @@ def test_env_table_lists_every_setting():
     table = dict(Settings.env_table())
     assert table["PRELABEL_MAX_IMAGES_PER_REQUEST"] == "256"
     assert len(table) == len(Settings.__dataclass_fields__)
+
+
+def test_configuration_doc_names_every_setting():
+    text = (Path(__file__).resolve().parent.parent / "docs" / "configuration.md").read_text()
+    missing = [var for var, _ in Settings.env_table() if f"`{var}`" not in text]
+    assert not missing, f"docs/configuration.md lacks {missing}"

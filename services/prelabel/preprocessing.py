@@ -1,8 +1,9 @@
 """Image decoding and preprocessing, shared by the Triton model and training (torch-free).
 
-The gateway only reads headers (:func:`inspect`, no pixel decoding) to reject bad images early;
-the Triton model decodes each image exactly once (:func:`decode`), using JPEG draft mode to decode
-large photos at a reduced scale, which is several times faster than a full decode then resize.
+Each image is opened exactly once on the hot path, in the Triton model (:func:`decode`): the pixel
+limit is checked on the header before any pixel is decoded (decompression bombs), and JPEG draft
+mode decodes large photos at a reduced scale, several times faster than a full decode then resize.
+The gateway does not parse images at all (docs/benchmarks.md has the measurements).
 """
 
 from __future__ import annotations
@@ -50,31 +51,13 @@ class Preprocess:
 
 
 class ImageError(ValueError):
-    """An image that cannot be used; the message says why."""
+    """An image that cannot be used; the message says why, ``code`` is the gRPC status name."""
+
+    code = "INVALID_ARGUMENT"
 
 
-@dataclass(frozen=True)
-class Header:
-    format: str
-    width: int
-    height: int
-
-    @property
-    def pixels(self) -> int:
-        return self.width * self.height
-
-
-def inspect(content: bytes) -> Header:
-    """Read format and size from the header alone: cheap, and safe against decompression bombs."""
-    if not content:
-        raise ImageError("the image is empty")
-    try:
-        with Image.open(io.BytesIO(content)) as image:
-            return Header(str(image.format), int(image.width), int(image.height))
-    except UnidentifiedImageError:
-        raise ImageError("not a JPEG, PNG, WebP or other known image format") from None
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-        raise ImageError(f"the image header is unreadable: {exc}") from None
+class TooManyPixels(ImageError):
+    code = "RESOURCE_EXHAUSTED"
 
 
 def decode(content: bytes, preprocess: Preprocess, max_pixels: int = 0) -> npt.NDArray[Any]:
@@ -84,7 +67,10 @@ def decode(content: bytes, preprocess: Preprocess, max_pixels: int = 0) -> npt.N
             warnings.simplefilter("ignore")
             image = Image.open(io.BytesIO(content))
             if max_pixels and image.width * image.height > max_pixels:
-                raise ImageError(f"{image.width}x{image.height} pixels is over the limit of {max_pixels}")
+                raise TooManyPixels(
+                    f"{image.width}x{image.height} pixels is over the limit of {max_pixels} "
+                    "(PRELABEL_MAX_IMAGE_PIXELS); downscale the image"
+                )
             scale = preprocess.resize / min(image.width, image.height)
             # JPEG: decode directly at the smallest scale that is still >= the target size.
             image.draft("RGB", (max(1, round(image.width * scale)), max(1, round(image.height * scale))))

@@ -1,8 +1,10 @@
 """Which models and versions exist (the model repository) and which are ready (Triton).
 
-Cards are immutable once published, so they are cached; readiness comes from one background
-refresh of Triton's repository index (:meth:`ModelCatalog.refresh`), so a Predict call costs no
-extra round trip to Triton to resolve "the newest ready version".
+Cards are immutable once published, so they are cached; the list of versions and their readiness
+come from one background refresh (:meth:`ModelCatalog.refresh`: the repository folder and Triton's
+index), so resolving "the newest ready version" costs a Predict call no file system access and no
+round trip to Triton. A model missing from the cache is looked up on disk at once, so a model
+published a moment ago is found.
 """
 
 from __future__ import annotations
@@ -32,12 +34,14 @@ class ModelCatalog:
         self.triton = triton
         self.default_model = default_model
         self.ready: dict[str, set[int]] = {}
+        self.versions: dict[str, list[int]] = {}
         self.triton_up = False
         self._cards: dict[tuple[str, int], VersionCard] = {}
         self._batch_sizes: dict[str, int] = {}
 
     async def refresh(self) -> None:
-        """Re-read readiness from Triton; on failure every version counts as not ready."""
+        """Re-read versions from the repository and readiness from Triton (down: nothing is ready)."""
+        self.versions = {name: self.repository.versions(name) for name in self.repository.models()}
         try:
             states = await self.triton.model_index()
         except PrelabelError as exc:
@@ -65,8 +69,11 @@ class ModelCatalog:
     async def resolve(self, model: str, version: str) -> Resolved:
         """Name and version of a request to a ready model version, or a clear NOT_FOUND/UNAVAILABLE."""
         name = model or self.default_model
-        validate_name(name)
-        versions = self.repository.versions(name)
+        versions = self.versions.get(name, [])
+        if not versions or (version.isdigit() and int(version) not in versions):  # a miss: look on disk
+            versions = self.repository.versions(validate_name(name))
+            if versions:
+                self.versions[name] = versions
         if not versions:
             known = ", ".join(self.repository.models()) or "none"
             raise NotFound(f"model {name!r} does not exist; models: {known} (ListModels shows them all)")

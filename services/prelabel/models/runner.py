@@ -24,14 +24,13 @@ from prelabel.triton.repository import VersionCard
 class Outputs:
     probabilities: npt.NDArray[Any]  # float32 [N, classes]; zeros for failed images
     embeddings: npt.NDArray[Any]  # float32 [N, dim]
-    errors: list[str]  # "" where the image was used
+    errors: list[str]  # "" where the image was used, else "STATUS_CODE: message"
 
 
 class Runner:
-    def __init__(self, version_dir: Path, device: str = "cpu", max_pixels: int = 0) -> None:
+    def __init__(self, version_dir: Path, device: str = "cpu") -> None:
         self.card = VersionCard.from_json((version_dir / "card.json").read_text())
         self.device = torch.device(device)
-        self.max_pixels = max_pixels
         model = backbones.build(self.card.arch, len(self.card.labels), image_size=self.card.preprocess.crop)
         backbones.load_state(model, version_dir / "weights.pt")
         model.eval().to(self.device)
@@ -44,14 +43,19 @@ class Runner:
         # PIL releases the GIL while decoding, so threads decode a batch in parallel.
         self.pool = ThreadPoolExecutor(max_workers=max(1, min(8, os.cpu_count() or 1)))
 
-    def _decode(self, content: bytes) -> npt.NDArray[Any] | str:
+    def _decode(self, content: bytes, max_pixels: int) -> npt.NDArray[Any] | str:
         try:
-            return decode(content, self.card.preprocess, self.max_pixels)
+            return decode(content, self.card.preprocess, max_pixels)
         except ImageError as exc:
-            return str(exc)
+            return f"{exc.code}: {exc}"
 
-    def run(self, images: list[bytes]) -> Outputs:
-        decoded = list(self.pool.map(self._decode, images)) if len(images) > 1 else [self._decode(images[0])]
+    def run(self, images: list[bytes], max_pixels: list[int] | None = None) -> Outputs:
+        """``max_pixels[i]`` bounds image i (0: no limit); the header is checked before decoding."""
+        limits = max_pixels or [0] * len(images)
+        if len(images) > 1:
+            decoded = list(self.pool.map(self._decode, images, limits))
+        else:
+            decoded = [self._decode(images[0], limits[0])]
         ok = [i for i, d in enumerate(decoded) if not isinstance(d, str)]
         errors = [d if isinstance(d, str) else "" for d in decoded]
         probabilities = np.zeros((len(images), len(self.card.labels)), dtype=np.float32)

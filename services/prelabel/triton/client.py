@@ -18,6 +18,9 @@ from tritonclient.utils import InferenceServerException
 
 from prelabel.errors import DeadlineExceeded, Internal, NotFound, PrelabelError, Unavailable
 
+OUTPUTS = [triton_grpc.InferRequestedOutput("PROBABILITIES"), triton_grpc.InferRequestedOutput("ERROR")]
+OUTPUTS_WITH_EMBEDDING = [*OUTPUTS, triton_grpc.InferRequestedOutput("EMBEDDING")]
+
 
 @dataclass(frozen=True)
 class ModelState:
@@ -99,20 +102,26 @@ class TritonClient:
             raise self.convert(exc, f"loading model {model!r}") from None
 
     async def infer(
-        self, model: str, version: str, images: list[bytes], want_embedding: bool, timeout_s: float | None
+        self,
+        model: str,
+        version: str,
+        images: list[bytes],
+        want_embedding: bool,
+        timeout_s: float | None,
+        max_pixels: int = 0,
     ) -> InferOutputs:
         data = np.empty((len(images), 1), dtype=np.object_)
         data[:, 0] = images
         image_input = triton_grpc.InferInput("IMAGE", list(data.shape), "BYTES")
         image_input.set_data_from_numpy(data)
-        names = ["PROBABILITIES", "ERROR"] + (["EMBEDDING"] if want_embedding else [])
         try:
             result = await self.client.infer(
                 model,
                 [image_input],
                 model_version=version,
-                outputs=[triton_grpc.InferRequestedOutput(n) for n in names],
+                outputs=OUTPUTS_WITH_EMBEDDING if want_embedding else OUTPUTS,
                 client_timeout=timeout_s,
+                parameters={"max_pixels": max_pixels} if max_pixels else None,
             )
         except InferenceServerException as exc:
             raise self.convert(exc, f"inference on {model}/{version}") from None

@@ -2,13 +2,13 @@
 
 Triton's dynamic batcher hands ``execute`` several requests at once; their images are run as one
 batch and split back, one response per request. An image that cannot be decoded gets a message in
-``ERROR`` instead of failing its batch; a request that is malformed as a whole gets a TritonError.
+``ERROR`` (``"STATUS_CODE: message"``) instead of failing its batch; a request that is malformed as a
+whole gets a TritonError. The request parameter ``max_pixels`` bounds each image's pixel count.
 """
 
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 from typing import Any
 
@@ -16,8 +16,6 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from prelabel.models.runner import Runner
-
-log = logging.getLogger("prelabel.triton.model")
 
 
 class TritonPythonModel:
@@ -33,6 +31,7 @@ class TritonPythonModel:
 
     def execute(self, requests: list[Any]) -> list[Any]:
         images: list[bytes] = []
+        limits: list[int] = []
         spans: list[tuple[int, int] | Any] = []
         for request in requests:
             tensor = pb_utils.get_input_tensor_by_name(request, "IMAGE")
@@ -42,8 +41,10 @@ class TritonPythonModel:
             array = tensor.as_numpy().reshape(-1)
             start = len(images)
             images.extend(bytes(v) for v in array)
+            limit = int(json.loads(request.parameters() or "{}").get("max_pixels", 0))
+            limits.extend([limit] * len(array))
             spans.append((start, len(images)))
-        outputs = self.runner.run(images) if images else None
+        outputs = self.runner.run(images, limits) if images else None
         responses = []
         for request, span in zip(requests, spans, strict=True):
             if not isinstance(span, tuple) or outputs is None:
