@@ -26,12 +26,13 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from prelabel.datasets import shapes  # noqa: E402
-from prelabel.triton.client import TritonClient  # noqa: E402
-from prelabel.v1 import prelabel_pb2 as pb  # noqa: E402
-from prelabel.v1 import prelabel_pb2_grpc as rpc  # noqa: E402
-from tests.conftest import encode  # noqa: E402
-from tests.stack import Stack, wait_for_health  # noqa: E402
+from prelabel.datasets import shapes
+from prelabel.triton.client import TritonClient
+from prelabel.v1 import prelabel_pb2 as pb
+from prelabel.v1 import prelabel_pb2_grpc as rpc
+
+from tests.conftest import encode
+from tests.stack import Stack, wait_for_health
 
 
 def images(count: int, size: int) -> list[bytes]:
@@ -93,7 +94,7 @@ async def main() -> None:
 
         for call in (direct, gateway):  # warm up both paths
             await load(call, pool[:8], 2, 1.0)
-        print(f"{args.image_size}px JPEG, prelabel-base ({shapes.__name__}), {args.seconds:.0f}s x {args.rounds} rounds each")
+        print(f"{args.image_size}px JPEG to prelabel-base, {args.seconds:.0f}s x {args.rounds} rounds per path")
         header = (
             f"{'batch':>5} {'conc':>4} | {'direct img/s':>12} {'p50 ms':>7} {'p99 ms':>7} | "
             f"{'gateway img/s':>13} {'p50 ms':>7} {'p99 ms':>7} | {'thr ratio':>9} {'+p50 ms':>8} | "

@@ -22,8 +22,8 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from prelabel.datasets import shapes  # noqa: E402
-from prelabel.preprocessing import Preprocess, decode, resize_crop  # noqa: E402
+from prelabel.datasets import shapes
+from prelabel.preprocessing import Preprocess, decode, resize_crop
 
 
 def full_decode(blob: bytes, p: Preprocess) -> np.ndarray:  # type: ignore[type-arg]

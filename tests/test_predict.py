@@ -48,10 +48,9 @@ def test_corrupt_and_oversized_images_get_per_image_errors(predict_stub, labelle
     good = labelled_images[0][1]
     truncated = good[: len(good) // 3]
     bomb = encode(Image.new("RGB", (2500, 2000), "white"), "PNG")  # 5 MP, tiny file: over the 4 MP limit
-    response = predict_stub.Predict(
-        request([("ok", good), ("garbage", b"not an image"), ("truncated", truncated), ("bomb", bomb), ("empty", b"")]),
-        timeout=60,
-    )
+    huge = b"\xff\xd8" + b"\0" * 1_000_000  # over the 1 MB per-image limit of the test stack
+    images = [("ok", good), ("garbage", b"not an image"), ("truncated", truncated), ("bomb", bomb), ("empty", b"")]
+    response = predict_stub.Predict(request([*images, ("huge", huge)]), timeout=60)
     by_id = {p.image_id: p for p in response.predictions}
     assert by_id["ok"].labels and not by_id["ok"].HasField("error")
     assert by_id["garbage"].error.code == code_pb2.INVALID_ARGUMENT
@@ -60,6 +59,8 @@ def test_corrupt_and_oversized_images_get_per_image_errors(predict_stub, labelle
     assert by_id["bomb"].error.code == code_pb2.RESOURCE_EXHAUSTED
     assert "2500x2000" in by_id["bomb"].error.message and "PRELABEL_MAX_IMAGE_PIXELS" in by_id["bomb"].error.message
     assert by_id["empty"].error.code == code_pb2.INVALID_ARGUMENT and "empty" in by_id["empty"].error.message
+    assert by_id["huge"].error.code == code_pb2.RESOURCE_EXHAUSTED
+    assert "1000002 bytes" in by_id["huge"].error.message and "PRELABEL_MAX_IMAGE_BYTES" in by_id["huge"].error.message
     assert all(not p.labels for i, p in by_id.items() if i != "ok")
 
 
@@ -88,11 +89,6 @@ def test_large_photo_is_resized_not_rejected(predict_stub):
         (lambda imgs: request(imgs[:1], top_k=1000), grpc.StatusCode.INVALID_ARGUMENT, "top_k"),
         (lambda imgs: request(imgs[:1] * 65), grpc.StatusCode.RESOURCE_EXHAUSTED, "PRELABEL_MAX_IMAGES_PER_REQUEST"),
         (
-            lambda imgs: request([("big", b"\0" * 1_000_001)]),
-            grpc.StatusCode.RESOURCE_EXHAUSTED,
-            "PRELABEL_MAX_IMAGE_BYTES",
-        ),
-        (
             lambda imgs: request([(str(i), b"\0" * 900_000) for i in range(5)]),
             grpc.StatusCode.RESOURCE_EXHAUSTED,
             "larger than max",
@@ -107,7 +103,6 @@ def test_large_photo_is_resized_not_rejected(predict_stub):
         "negative-top-k",
         "huge-top-k",
         "too-many-images",
-        "image-too-big",
         "message-too-big",
         "unknown-model",
         "unknown-version",
@@ -238,6 +233,12 @@ def test_cli_predict_folder_and_models(stack, labelled_images, tmp_path):
         ext = i.rsplit("-", 1)[1].replace("jpeg", "jpg")
         ((folder / "nested") if n % 2 else folder).joinpath(f"{i}.{ext}").write_bytes(content)
     (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nbroken")
+    # Three ~1.5 MB files: together over the stack's 4 MB messages, so the CLI must split by bytes.
+    rng = np.random.default_rng(9)
+    noise = [encode(Image.fromarray(rng.integers(0, 255, (700, 700, 3), dtype=np.uint8)), "PNG") for _ in range(3)]
+    assert all(1_000_000 < len(n) < 1_600_000 for n in noise)  # each also over the 1 MB per-image limit
+    for k, blob in enumerate(noise):
+        (folder / f"noise{k}.png").write_bytes(blob)
     (folder / "notes.txt").write_text("not an image")
     out = tmp_path / "predictions.jsonl"
     run = subprocess.run(
@@ -253,20 +254,27 @@ def test_cli_predict_folder_and_models(stack, labelled_images, tmp_path):
             "5",
             "--top-k",
             "2",
+            "--max-request-bytes",
+            "3500000",
         ],
         capture_output=True,
         text=True,
         timeout=120,
     )
     assert run.returncode == 0, run.stderr
-    assert "13/13" in run.stderr and "pre-labeled 12 of 13 images; 1 could not be used" in run.stderr
+    assert "16/16" in run.stderr and "pre-labeled 12 of 16 images; 4 could not be used" in run.stderr
     rows = [json.loads(line) for line in out.read_text().splitlines()]
-    assert len(rows) == 13
+    assert len(rows) == 16
     truth = {i: label for i, _, label in labelled_images}
     for row in rows:
         name = row["path"].rsplit("/", 1)[1]
         if name == "broken.png":
             assert row["error"]["code"] == "INVALID_ARGUMENT"
+            continue
+        if name.startswith("noise"):
+            assert (
+                row["error"]["code"] == "RESOURCE_EXHAUSTED" and "PRELABEL_MAX_IMAGE_BYTES" in row["error"]["message"]
+            )
             continue
         assert len(row["labels"]) == 2 and set(row["uncertainty"]) == {"entropy", "margin", "least_confidence"}
         assert row["labels"][0]["name"] == truth[name.rsplit(".", 1)[0]]

@@ -32,3 +32,15 @@ def test_configuration_doc_names_every_setting():
     text = (Path(__file__).resolve().parent.parent / "docs" / "configuration.md").read_text()
     missing = [var for var, _ in Settings.env_table() if f"`{var}`" not in text]
     assert not missing, f"docs/configuration.md lacks {missing}"
+
+
+def test_cli_batches_by_count_and_bytes(tmp_path):
+    from prelabel.cli.client import batched
+
+    sizes = [10, 10, 10, 50, 200, 10, 10]
+    files = []
+    for i, n in enumerate(sizes):
+        (tmp_path / f"{i}.jpg").write_bytes(b"x" * n)
+        files.append(tmp_path / f"{i}.jpg")
+    groups = [[int(p.stem) for p in b] for b in batched(files, count=3, max_bytes=100)]
+    assert groups == [[0, 1, 2], [3], [4], [5, 6]]  # 200 > 100 travels alone; order is kept

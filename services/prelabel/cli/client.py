@@ -68,13 +68,28 @@ def prediction_json(path: Path, response: pb.PredictResponse, p: pb.Prediction) 
     return line
 
 
+def batched(files: list[Path], count: int, max_bytes: int) -> Iterator[list[Path]]:
+    """Batches of at most ``count`` files and ``max_bytes`` (a larger file travels alone)."""
+    batch: list[Path] = []
+    size = 0
+    for path in files:
+        n = path.stat().st_size
+        if batch and (len(batch) == count or size + n > max_bytes):
+            yield batch
+            batch, size = [], 0
+        batch.append(path)
+        size += n
+    if batch:
+        yield batch
+
+
 def predict(server: str, args: argparse.Namespace) -> int:
     files = image_files(args.paths)
     if not files:
         raise InvalidArgument(
             f"no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) under {', '.join(map(str, args.paths))}"
         )
-    batches = [files[i : i + args.batch_size] for i in range(0, len(files), args.batch_size)]
+    batches = list(batched(files, args.batch_size, args.max_request_bytes))
 
     def requests() -> Iterator[pb.PredictRequest]:
         for batch in batches:  # read lazily: a folder of any size streams in constant memory

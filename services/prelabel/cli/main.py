@@ -63,7 +63,13 @@ def parser() -> argparse.ArgumentParser:
     predict.add_argument("--version", default="", help="model version (default: the newest ready one)")
     predict.add_argument("--top-k", type=int, default=5)
     predict.add_argument("--out", type=Path, help="write JSON lines here instead of standard output")
-    predict.add_argument("--batch-size", type=int, default=32, help="images per request")
+    predict.add_argument("--batch-size", type=int, default=32, help="images per request, at most")
+    predict.add_argument(
+        "--max-request-bytes",
+        type=int,
+        default=16 * 1024 * 1024,
+        help="bytes per request, at most (a larger file goes alone)",
+    )
     predict.add_argument("--embedding", action="store_true", help="include each image's embedding")
     predict.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     _client_flags(predict)

@@ -28,7 +28,6 @@ from prelabel.triton.client import InferOutputs
 from prelabel.v1 import prelabel_pb2 as pb
 
 CODES = {code.name: code.value[0] for code in grpc.StatusCode}
-EMPTY = "INVALID_ARGUMENT: the image is empty; send the encoded file's bytes in Image.content"
 
 
 @dataclass
@@ -78,26 +77,31 @@ class Predictor:
             raise InvalidArgument(
                 f"top_k={request.top_k} is out of range; use 1..{s.max_top_k}, or 0 for {s.default_top_k}"
             )
-        largest = max(range(len(contents)), key=lambda i: len(contents[i]))
-        if len(contents[largest]) > s.max_image_bytes:
-            raise ResourceExhausted(
-                f"image {request.images[largest].id!r} is {len(contents[largest])} bytes, over the limit of "
-                f"{s.max_image_bytes} (PRELABEL_MAX_IMAGE_BYTES); downscale or recompress it"
-            )
         return request.top_k or s.default_top_k
+
+    def _unusable(self, content: bytes) -> str:
+        """Why an image is not sent to Triton at all ("CODE: message"), or ""."""
+        if not content:
+            return "INVALID_ARGUMENT: the image is empty; send the encoded file's bytes in Image.content"
+        if len(content) > self.settings.max_image_bytes:
+            return (
+                f"RESOURCE_EXHAUSTED: the image is {len(content)} bytes, over the limit of "
+                f"{self.settings.max_image_bytes} (PRELABEL_MAX_IMAGE_BYTES); downscale or recompress it"
+            )
+        return ""
 
     async def predict(self, request: pb.PredictRequest, time_remaining: float | None = None) -> pb.PredictResponse:
         contents = [image.content for image in request.images]  # upb copies bytes on each access: once
         top_k = self._check(request, contents)
         target = await self.catalog.resolve(request.model, request.version)
         metrics.IMAGE_BYTES.inc(sum(map(len, contents)))
-        usable = [i for i, c in enumerate(contents) if c]
+        errors = [self._unusable(c) for c in contents]
+        usable = [i for i, e in enumerate(errors) if not e]
         outputs = await self._infer(target, [contents[i] for i in usable], request.include_embedding, time_remaining)
         scores = Scores.of(
             outputs.probabilities, target.card.labels, min(top_k, len(target.card.labels)),
             target.card.auto_accept_threshold,
         )  # fmt: skip
-        errors = [EMPTY] * len(contents)
         for row, i in enumerate(usable):
             errors[i] = outputs.errors[row]
         rows = dict(zip(usable, range(len(usable)), strict=True))
