@@ -102,19 +102,19 @@ class Predictor:
             outputs.probabilities, target.card.labels, min(top_k, len(target.card.labels)),
             target.card.auto_accept_threshold,
         )  # fmt: skip
-        for row, i in enumerate(usable):
-            errors[i] = outputs.errors[row]
-        rows = dict(zip(usable, range(len(usable)), strict=True))
+        rows = {i: r for r, i in enumerate(usable)}
         response = pb.PredictResponse(model=target.name, version=target.version)
         for i, image in enumerate(request.images):
             p = response.predictions.add(image_id=image.id)
-            if errors[i]:
-                code, _, message = errors[i].partition(": ")
-                p.error.code = CODES.get(code, CODES["INVALID_ARGUMENT"])
-                p.error.message = message
+            r = rows.get(i)
+            error = errors[i] if r is None else outputs.errors[r]
+            if error:
+                code, _, p.error.message = error.partition(": ")
+                code = code if code in CODES else "INVALID_ARGUMENT"
+                p.error.code = CODES[code]
                 metrics.IMAGE_ERRORS.labels(code.lower()).inc()
                 continue
-            r = rows[i]
+            assert r is not None
             for name, score in zip(scores.names[r], scores.scores[r], strict=True):
                 p.labels.add(name=name, score=score)
             u = p.uncertainty
