@@ -30,6 +30,10 @@ CLASSES: tuple[str, ...] = (
 )
 
 
+# Shapes the base model never saw, drawn the same way: a new task that is similar to pre-training.
+NOVEL_CLASSES: tuple[str, ...] = ("pentagon", "octagon", "ellipse", "crescent", "semicircle", "outlined-square")
+
+
 def _colour(rng: np.random.Generator) -> tuple[int, int, int]:
     return tuple(int(c) for c in rng.integers(0, 256, size=3))  # type: ignore[return-value]
 
@@ -88,9 +92,9 @@ def _texture(
                 draw.ellipse([x + jx - r, y + jy - r, x + jx + r, y + jy + r], fill=fg)
 
 
-def render(label: int, size: int, rng: np.random.Generator) -> Image.Image:
-    """Draw one image of class ``CLASSES[label]``."""
-    name = CLASSES[label]
+def render(label: int, size: int, rng: np.random.Generator, classes: tuple[str, ...] = CLASSES) -> Image.Image:
+    """Draw one image of class ``classes[label]`` (``CLASSES`` or ``NOVEL_CLASSES``)."""
+    name = classes[label]
     bg = _colour(rng)
     noise = rng.normal(0, rng.uniform(2, 25), size=(size, size, 3))
     base = np.clip(np.asarray(bg, dtype=np.float32) + noise, 0, 255).astype(np.uint8)
@@ -116,6 +120,26 @@ def render(label: int, size: int, rng: np.random.Generator) -> Image.Image:
             draw.polygon(_polygon(cx, cy, radius, 6, angle), fill=fg)
         elif name == "star":
             draw.polygon(_star(cx, cy, radius, angle), fill=fg)
+        elif name == "pentagon":
+            draw.polygon(_polygon(cx, cy, radius, 5, angle), fill=fg)
+        elif name == "octagon":
+            draw.polygon(_polygon(cx, cy, radius, 8, angle), fill=fg)
+        elif name == "ellipse":
+            squash = rng.uniform(0.35, 0.6)
+            if rng.random() < 0.5:
+                draw.ellipse([cx - radius, cy - radius * squash, cx + radius, cy + radius * squash], fill=fg)
+            else:
+                draw.ellipse([cx - radius * squash, cy - radius, cx + radius * squash, cy + radius], fill=fg)
+        elif name == "crescent":
+            draw.ellipse(box, fill=fg)
+            shift = radius * rng.uniform(0.35, 0.6)
+            dx, dy = shift * math.cos(angle), shift * math.sin(angle)
+            draw.ellipse([box[0] + dx, box[1] + dy, box[2] + dx, box[3] + dy], fill=bg)
+        elif name == "semicircle":
+            start = math.degrees(angle)
+            draw.pieslice(box, start, start + 180, fill=fg)
+        elif name == "outlined-square":
+            draw.polygon(_polygon(cx, cy, radius, 4, angle), outline=fg, width=max(2, int(radius * 0.25)))
         else:  # cross
             w = radius * rng.uniform(0.25, 0.45)
             draw.rectangle([cx - radius, cy - w, cx + radius, cy + w], fill=fg)
@@ -134,8 +158,8 @@ def batches(batch_size: int, size: int, seed: int) -> Iterator[tuple[npt.NDArray
         yield images, labels.astype(np.int64)
 
 
-def sample(count: int, size: int, seed: int) -> tuple[list[Image.Image], list[int]]:
+def sample(count: int, size: int, seed: int, classes: tuple[str, ...] = CLASSES) -> tuple[list[Image.Image], list[int]]:
     """``count`` images with their labels, cycling through the classes."""
     rng = np.random.default_rng(seed)
-    labels = [i % len(CLASSES) for i in range(count)]
-    return [render(y, size, rng) for y in labels], labels
+    labels = [i % len(classes) for i in range(count)]
+    return [render(y, size, rng, classes) for y in labels], labels

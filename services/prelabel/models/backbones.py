@@ -158,3 +158,17 @@ def _torchvision_to_classifier(model: Classifier, state: dict[str, torch.Tensor]
 def _last_linear_prefix(state: dict[str, torch.Tensor]) -> str:
     weights = [k for k in state if k.startswith("classifier.") and k.endswith(".weight")]
     return weights[-1][: -len("weight")] if weights else "classifier."
+
+
+class Normalizer:
+    """uint8 ``[N, H, W, 3]`` pixels to the normalised float ``[N, 3, H, W]`` input a set of weights expects."""
+
+    def __init__(self, preprocess: Preprocess, device: torch.device) -> None:
+        self.device = device
+        self.mean = torch.tensor(preprocess.mean, device=device).view(1, 3, 1, 1) * 255
+        self.std = torch.tensor(preprocess.std, device=device).view(1, 3, 1, 1) * 255
+
+    def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
+        x = pixels.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float()
+        x = (x - self.mean) / self.std
+        return x.contiguous(memory_format=torch.channels_last) if self.device.type == "cuda" else x

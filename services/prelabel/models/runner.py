@@ -37,9 +37,7 @@ class Runner:
         if self.device.type == "cuda":
             model = model.to(memory_format=torch.channels_last)
         self.model = model
-        p = self.card.preprocess
-        self.mean = torch.tensor(p.mean, device=self.device).view(1, 3, 1, 1) * 255
-        self.std = torch.tensor(p.std, device=self.device).view(1, 3, 1, 1) * 255
+        self.normalize = backbones.Normalizer(self.card.preprocess, self.device)
         # PIL releases the GIL while decoding, so threads decode a batch in parallel.
         self.pool = ThreadPoolExecutor(max_workers=max(1, min(8, os.cpu_count() or 1)))
 
@@ -70,10 +68,8 @@ class Runner:
     @torch.inference_mode()
     def forward(self, pixels: torch.Tensor) -> tuple[npt.NDArray[Any], npt.NDArray[Any]]:
         """``uint8 [N, H, W, 3]`` to calibrated probabilities and embeddings."""
-        x = pixels.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float()
-        x = (x - self.mean) / self.std
+        x = self.normalize(pixels)
         if self.device.type == "cuda":
-            x = x.contiguous(memory_format=torch.channels_last)
             with torch.autocast("cuda", dtype=torch.float16):
                 logits, embedding = self.model(x)
         else:

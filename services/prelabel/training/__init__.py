@@ -1,0 +1,1 @@
+"""Transfer learning: four strategies, an automatic choice among them, calibration, publishing."""

@@ -1,0 +1,106 @@
+"""Labelled images for training: loaded, checked and decoded once, then split by class.
+
+Images are decoded to the model's input size a single time (uint8, a few KB each); every epoch
+then reads tensors, never files. Problems are found before any training starts and reported all
+at once, so nothing is half-published.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from prelabel.errors import InvalidArgument
+from prelabel.preprocessing import ImageError, Preprocess, decode
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+MIN_PER_CLASS = 3  # at least one validation and two training examples
+
+
+@dataclass
+class Examples:
+    pixels: torch.Tensor  # uint8 [N, H, W, 3], already resized and cropped for the model
+    labels: torch.Tensor  # int64 [N]
+    classes: list[str]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def counts(self) -> dict[str, int]:
+        counted = torch.bincount(self.labels, minlength=len(self.classes)).tolist()
+        return dict(zip(self.classes, counted, strict=True))
+
+    def subset(self, index: torch.Tensor) -> Examples:
+        return Examples(self.pixels[index], self.labels[index], self.classes)
+
+
+def from_encoded(
+    images: list[bytes], labels: list[str], preprocess: Preprocess, names: list[str] | None = None
+) -> Examples:
+    """Decode and check ``images`` (encoded files) labelled ``labels``; raises with every problem found."""
+    classes = sorted(set(labels))
+    index = {c: i for i, c in enumerate(classes)}
+    pixels, targets, problems = [], [], []
+    for n, (content, label) in enumerate(zip(images, labels, strict=True)):
+        try:
+            pixels.append(decode(content, preprocess))
+            targets.append(index[label])
+        except ImageError as exc:
+            problems.append(f"{names[n] if names else f'image {n}'} ({exc})")
+    if problems:
+        shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
+        raise InvalidArgument(f"{len(problems)} image(s) could not be read: {shown}. Remove or replace them")
+    examples = Examples(torch.from_numpy(np.stack(pixels)), torch.tensor(targets, dtype=torch.int64), classes)
+    check(examples)
+    return examples
+
+
+def from_images(images: list[Image.Image], labels: list[str], preprocess: Preprocess) -> Examples:
+    encoded = []
+    for image in images:
+        out = io.BytesIO()
+        image.save(out, "PNG")
+        encoded.append(out.getvalue())
+    return from_encoded(encoded, labels, preprocess)
+
+
+def from_folder(root: Path, preprocess: Preprocess) -> Examples:
+    """An image folder with one subfolder per class (``root/cat/1.jpg``, ``root/dog/2.png``...)."""
+    if not root.is_dir():
+        raise InvalidArgument(f"{root} is not a folder; pass a folder with one subfolder of images per class")
+    files = [(p, d.name) for d in sorted(root.iterdir()) if d.is_dir() for p in sorted(d.rglob("*"))
+             if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()]  # fmt: skip
+    if not files:
+        raise InvalidArgument(f"no images under {root}: expected one subfolder of images per class")
+    return from_encoded([p.read_bytes() for p, _ in files], [c for _, c in files], preprocess,
+                        names=[str(p.relative_to(root)) for p, _ in files])  # fmt: skip
+
+
+def check(examples: Examples) -> None:
+    if len(examples.classes) < 2:
+        raise InvalidArgument(
+            f"found {len(examples.classes)} class ({', '.join(examples.classes) or 'none'}); a classifier needs at "
+            "least 2 classes with examples of each"
+        )
+    few = {c: n for c, n in examples.counts().items() if n < MIN_PER_CLASS}
+    if few:
+        listed = ", ".join(f"{c} ({n})" for c, n in sorted(few.items()))
+        raise InvalidArgument(f"every class needs at least {MIN_PER_CLASS} examples; too few: {listed}. Add more")
+
+
+def split(examples: Examples, val_fraction: float, seed: int) -> tuple[Examples, Examples]:
+    """A seeded split that keeps each class's share: at least one validation example per class."""
+    generator = torch.Generator().manual_seed(seed)
+    train, val = [], []
+    for c in range(len(examples.classes)):
+        members = torch.nonzero(examples.labels == c).flatten()
+        members = members[torch.randperm(len(members), generator=generator)]
+        n_val = min(len(members) - 2, max(1, round(len(members) * val_fraction)))
+        val.append(members[:n_val])
+        train.append(members[n_val:])
+    return examples.subset(torch.cat(train).sort().values), examples.subset(torch.cat(val).sort().values)
