@@ -74,6 +74,25 @@ def parser() -> argparse.ArgumentParser:
     predict.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     _client_flags(predict)
 
+    train = commands.add_parser("train", help="fine-tune a model on an image folder and publish a new version")
+    train.add_argument("folder", type=Path, help="one subfolder of images per class")
+    train.add_argument("--base", required=True, help="model to start from (a model in the repository)")
+    train.add_argument("--base-version", type=int, default=None, help="its version (default: the newest)")
+    train.add_argument("--name", required=True, help="model to publish the result as (a new version of it)")
+    train.add_argument(
+        "--strategy",
+        default="auto",
+        choices=["auto", "feature_extraction", "freeze_first_k", "full_fine_tune", "from_scratch"],
+    )
+    train.add_argument("--freeze-first-k", type=int, default=0, help="stages to freeze (default: half)")
+    train.add_argument("--epochs", type=int, default=0, help="default: the strategy's")
+    train.add_argument("--learning-rate", type=float, default=0.0, help="the head's; default: the strategy's")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--target-precision", type=float, default=0.95, help="precision that auto-accept must reach")
+    train.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    train.add_argument("--data-dir", type=Path, help="where the model repository is (PRELABEL_DATA_DIR)")
+    train.add_argument("--triton-url", help="Triton to load the new version into (default: the local prelabel serve)")
+
     models = commands.add_parser("models", help="list models and their versions")
     _client_flags(models)
     return root
@@ -88,6 +107,10 @@ def main(argv: list[str] | None = None) -> int:
 
             settings = Settings.from_env(**options)
             return launcher.run(settings, {"serve": "all"}.get(args.command, args.command))
+        if args.command == "train":
+            from prelabel.cli import train
+
+            return train.train(Settings.from_env(data_dir=args.data_dir, triton_url=args.triton_url), args)
         from prelabel.cli import client
 
         settings = Settings.from_env()

@@ -25,7 +25,7 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
         return float(loss.detach())
 
     optimizer.step(closure)  # type: ignore[no-untyped-call]
-    return float(log_t.exp().clamp(0.05, 20.0))
+    return float(log_t.detach().exp().clamp(0.05, 20.0))
 
 
 @dataclass(frozen=True)

@@ -113,6 +113,11 @@ class TritonSupervisor:
         return f"{'127.0.0.1' if self.host in ('0.0.0.0', '::') else self.host}:{self.ports.grpc}"
 
     @property
+    def url_file(self) -> Path:
+        """Where a running supervisor leaves its gRPC address, for ``prelabel train`` to find it."""
+        return self.workspace / "url"
+
+    @property
     def metrics_url(self) -> str:
         return f"http://{self.url.split(':')[0]}:{self.ports.metrics}/metrics"
 
@@ -121,6 +126,7 @@ class TritonSupervisor:
         self._prepare_backends()
         await self._spawn()
         await self._wait_ready()
+        self.url_file.write_text(self.url)
         self._watcher = asyncio.create_task(self._watch(), name="triton-supervisor")
 
     async def stop(self, grace_s: float = 15.0) -> None:
@@ -130,6 +136,7 @@ class TritonSupervisor:
             self._watcher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._watcher
+        self.url_file.unlink(missing_ok=True)
         process = self.process
         if process is None or process.returncode is not None:
             return

@@ -1,0 +1,69 @@
+"""``prelabel train DIR --base MODEL --name NAME``: fine-tune on an image folder, publish, load into Triton."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+
+from tqdm import tqdm
+
+from prelabel.gateway.server import repository_for
+from prelabel.settings import Settings
+from prelabel.training import data, engine
+from prelabel.training.publish import load_into_triton, publish
+
+
+def strategy_name(text: str) -> str:
+    name = text.upper()
+    return name if name.startswith("STRATEGY_") else f"STRATEGY_{name}"
+
+
+def running_triton(settings: Settings) -> str:
+    """The configured Triton, else the one a local ``prelabel serve`` runs on this data directory."""
+    if settings.triton_url:
+        return settings.triton_url
+    url_file = settings.data_dir / "triton" / "url"
+    return url_file.read_text().strip() if url_file.is_file() else ""
+
+
+def train(settings: Settings, args: argparse.Namespace) -> int:
+    repository = repository_for(settings)
+    base = engine.load_base(repository, args.base, args.base_version)
+    print(f"reading {args.folder} ...", file=sys.stderr)
+    examples = data.from_folder(args.folder, base.preprocess)
+    counts = ", ".join(f"{c} {n}" for c, n in examples.counts().items())
+    print(f"{len(examples)} images in {len(examples.classes)} classes ({counts})", file=sys.stderr)
+    config = engine.TrainConfig(
+        strategy=strategy_name(args.strategy),
+        freeze_first_k=args.freeze_first_k,
+        epochs=args.epochs,
+        learning_rate=args.learning_rate,
+        seed=args.seed,
+        target_precision=args.target_precision,
+    )
+    with tqdm(
+        total=100, unit="%", disable=args.no_progress, file=sys.stderr, bar_format="{l_bar}{bar}| {postfix}"
+    ) as bar:
+
+        def show(p: engine.Progress) -> None:
+            bar.set_description_str(f"{p.stage} {p.epoch}/{p.epochs}")
+            bar.set_postfix_str(f"loss {p.loss:.3f}, val acc {p.accuracy:.1%}, ETA {p.eta_s:.0f}s")
+            bar.n = round(p.fraction * 100)
+            bar.refresh()
+
+        result = engine.train(base, examples, config, show)
+    version = publish(repository, args.name, result, base)
+    m = result.metrics
+    print(f"published {args.name} version {version}: {result.decision.reason}")
+    print(
+        f"validation accuracy {m['val_accuracy']:.1%} on {m['val_examples']:.0f} images; auto-accept at "
+        f"{m['target_precision']:.0%} precision covers {m['auto_accept_coverage']:.0%} "
+        f"(threshold {result.threshold if result.threshold is not None else 'none'}); {m['train_seconds']:.0f}s"
+    )
+    url = running_triton(settings)
+    if url and asyncio.run(load_into_triton(url, args.name)):
+        print(f"loaded into Triton at {url}: Predict with model={args.name!r} uses version {version}")
+    elif not url:
+        print("no running Triton found: the version is served when `prelabel serve` next starts")
+    return 0
