@@ -30,7 +30,6 @@ from prelabel.datasets import shapes
 from prelabel.triton.client import TritonClient
 from prelabel.v1 import prelabel_pb2 as pb
 from prelabel.v1 import prelabel_pb2_grpc as rpc
-
 from tests.conftest import encode
 from tests.stack import Stack, wait_for_health
 

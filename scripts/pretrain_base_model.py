@@ -16,9 +16,10 @@ import time
 
 import numpy as np
 import torch
+from torch import nn
+
 from prelabel.datasets import shapes
 from prelabel.models import backbones, base
-from torch import nn
 
 
 def to_tensor(images: np.ndarray, preprocess: backbones.Preprocess) -> torch.Tensor:

@@ -9,10 +9,10 @@ from pathlib import Path
 import grpc
 import pytest
 from PIL import Image
+
 from prelabel.datasets import shapes
 from prelabel.v1 import prelabel_pb2 as pb
 from prelabel.v1 import prelabel_pb2_grpc as rpc
-
 from tests.stack import Stack, wait_for_health
 
 # Limits lowered so that tests can hit each of them with small inputs.

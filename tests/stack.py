@@ -98,6 +98,7 @@ class Stack:
     """``prelabel serve`` (or ``gateway``) running, with its addresses."""
 
     process: Process
+    data_dir: Path
     address: str
     metrics_url: str | None
     triton_url: str
@@ -112,6 +113,7 @@ class Stack:
         triton = TRITON.search("".join(process.stdout))
         stack = cls(
             process,
+            data_dir,
             f"127.0.0.1:{port}",
             f"http://127.0.0.1:{metrics.group(1)}/metrics" if metrics else None,
             triton.group(1) if triton else "",

@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2
 from PIL import Image, ImageDraw
+
 from prelabel.datasets import shapes
 from prelabel.v1 import prelabel_pb2_grpc as rpc
-
 from tests.conftest import encode, request
 from tests.stack import Process, Stack, environment, health_status, wait_for_health
 

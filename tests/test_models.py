@@ -7,13 +7,13 @@ import urllib.error
 import numpy as np
 import pytest
 import torch
+
 from prelabel.datasets import shapes
 from prelabel.errors import InvalidArgument, NotFound, Unavailable
 from prelabel.models import backbones, base
 from prelabel.models.defaults import ensure_default_model
 from prelabel.models.runner import Runner
 from prelabel.triton.repository import ModelRepository
-
 from tests.conftest import encode
 
 EMBEDDING = {"resnet18": 512, "resnet50": 2048, "mobilenet_v3_small": 1024, "mobilenet_v3_large": 1280,

@@ -15,10 +15,10 @@ from google.rpc import code_pb2
 from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from PIL import Image
+
 from prelabel.datasets import shapes
 from prelabel.v1 import prelabel_pb2 as pb
 from prelabel.v1 import prelabel_pb2_grpc as rpc
-
 from tests.conftest import encode, request
 from tests.stack import PRELABEL, Stack, health_status
 

@@ -7,8 +7,8 @@ import zlib
 import numpy as np
 import pytest
 from PIL import Image
-from prelabel.preprocessing import ImageError, Preprocess, TooManyPixels, decode
 
+from prelabel.preprocessing import ImageError, Preprocess, TooManyPixels, decode
 from tests.conftest import encode
 
 PRE = Preprocess(resize=64, crop=56)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 
 import pytest
+
 from prelabel.errors import InvalidArgument, NotFound
 from prelabel.preprocessing import Preprocess
 from prelabel.triton.repository import ModelRepository, RepositoryConfig, VersionCard, validate_name

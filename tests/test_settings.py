@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+
 from prelabel.errors import InvalidArgument
 from prelabel.settings import Settings
 

@@ -10,6 +10,7 @@ published a moment ago is found.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 
 from prelabel.errors import InvalidArgument, NotFound, PrelabelError, Unavailable
@@ -34,6 +35,7 @@ class ModelCatalog:
         self.triton = triton
         self.default_model = default_model
         self.ready: dict[str, set[int]] = {}
+        self._refreshed_at = 0.0
         self.versions: dict[str, list[int]] = {}
         self.triton_up = False
         self._cards: dict[tuple[str, int], VersionCard] = {}
@@ -41,6 +43,7 @@ class ModelCatalog:
 
     async def refresh(self) -> None:
         """Re-read versions from the repository and readiness from Triton (down: nothing is ready)."""
+        self._refreshed_at = time.monotonic()
         self.versions = {name: self.repository.versions(name) for name in self.repository.models()}
         try:
             states = await self.triton.model_index()
@@ -56,6 +59,9 @@ class ModelCatalog:
         if not self.triton_up:
             log.info("Triton is reachable; ready models: %s", {k: sorted(v) for k, v in ready.items()} or "none")
         self.triton_up, self.ready = True, ready
+
+    def _stale(self, min_interval_s: float = 0.2) -> bool:
+        return time.monotonic() - self._refreshed_at >= min_interval_s
 
     def default_ready(self) -> bool:
         return self.triton_up and bool(self.ready.get(self.default_model))
@@ -77,9 +83,13 @@ class ModelCatalog:
         if not versions:
             known = ", ".join(self.repository.models()) or "none"
             raise NotFound(f"model {name!r} does not exist; models: {known} (ListModels shows them all)")
+        ready = self.ready.get(name, set())
+        wanted = int(version) if version.isdigit() else None
+        if (not ready or (wanted is not None and wanted not in ready)) and self._stale():
+            await self.refresh()  # a version loaded a moment ago is ready before the next periodic refresh
+            ready = self.ready.get(name, set())
         if not self.triton_up:
             raise Unavailable(f"Triton is unreachable, so model {name!r} cannot answer now; retry shortly")
-        ready = self.ready.get(name, set())
         if version:
             if not version.isdigit():
                 raise InvalidArgument(f"version {version!r} is not a number; leave it empty for the newest ready one")

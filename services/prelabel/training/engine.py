@@ -283,7 +283,7 @@ def _fit(
             scaler.step(optimizer)
             scaler.update()
             schedule.step()
-            total += float(loss) * len(index)
+            total += float(loss.detach()) * len(index)
         logits, _ = _forward(model, val_set.pixels, normalize)
         acc = float((logits.argmax(1) == val_set.labels).float().mean())
         ran = epoch

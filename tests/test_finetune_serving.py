@@ -1,0 +1,109 @@
+"""Fine-tuned versions served by the real Triton behind the real gateway: publish, hot swap, CLI."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import threading
+
+import grpc
+import pytest
+
+from prelabel.datasets import shapes
+from prelabel.gateway.server import repository_for
+from prelabel.settings import Settings
+from prelabel.training import data, engine
+from prelabel.training.publish import load_into_triton, publish
+from prelabel.v1 import prelabel_pb2 as pb
+from prelabel.v1 import prelabel_pb2_grpc as rpc
+from tests.conftest import encode, request
+from tests.stack import PRELABEL
+
+pytestmark = pytest.mark.stack
+
+
+def held_out(seed: int, count: int = 36) -> tuple[list[tuple[str, bytes]], list[str]]:
+    images, labels = shapes.sample(count, 96, seed, shapes.NOVEL_CLASSES)
+    return [(str(i), encode(im, "PNG")) for i, im in enumerate(images)], [shapes.NOVEL_CLASSES[y] for y in labels]
+
+
+def accuracy(response: pb.PredictResponse, truth: list[str]) -> float:
+    return sum(p.labels[0].name == t for p, t in zip(response.predictions, truth, strict=True)) / len(truth)
+
+
+def test_published_versions_are_served_and_swapped_without_errors(stack, channel, predict_stub):
+    repository = repository_for(Settings(data_dir=stack.data_dir))
+    base = engine.load_base(repository, "prelabel-base")
+    images, labels = shapes.sample(20 * len(shapes.NOVEL_CLASSES), 64, 41, shapes.NOVEL_CLASSES)
+    examples = data.from_images(images, [shapes.NOVEL_CLASSES[y] for y in labels], base.preprocess)
+    first = engine.train(base, examples, engine.TrainConfig(strategy=engine.FEATURE_EXTRACTION))
+    assert publish(repository, "novel-shapes", first, base) == 1
+    assert asyncio.run(load_into_triton(stack.triton_url, "novel-shapes"))
+
+    test_images, truth = held_out(42)
+    response = predict_stub.Predict(request(test_images, model="novel-shapes"), timeout=60)
+    assert response.version == "1" and accuracy(response, truth) > 0.6
+    assert any(p.auto_accept for p in response.predictions)  # calibrated threshold in use
+
+    # Version 2 arrives while clients keep calling: no call fails, and the newest ready version wins.
+    errors: list[grpc.RpcError] = []
+    versions: set[str] = set()
+    stop = threading.Event()
+
+    def keep_calling() -> None:
+        while not stop.is_set():
+            try:
+                versions.add(predict_stub.Predict(request(test_images[:4], model="novel-shapes"), timeout=60).version)
+            except grpc.RpcError as exc:
+                errors.append(exc)
+
+    second = engine.train(base, examples, engine.TrainConfig(strategy=engine.FULL_FINE_TUNE, epochs=2))
+    callers = [threading.Thread(target=keep_calling) for _ in range(3)]
+    for t in callers:
+        t.start()
+    try:
+        assert publish(repository, "novel-shapes", second, base) == 2
+        assert asyncio.run(load_into_triton(stack.triton_url, "novel-shapes"))
+        deadline = 60.0
+        while "2" not in versions and deadline > 0:
+            stop.wait(0.5)
+            deadline -= 0.5
+    finally:
+        stop.set()
+        for t in callers:
+            t.join()
+    assert not errors, [e.details() for e in errors]
+    assert versions == {"1", "2"}
+    assert predict_stub.Predict(request(test_images[:1], model="novel-shapes", version="1"), timeout=60).version == "1"
+
+    model = rpc.ModelServiceStub(channel).GetModel(pb.GetModelRequest(name="novel-shapes"), timeout=10)
+    assert model.default_version == "2" and [v.version for v in model.versions] == ["1", "2"]
+    v1, v2 = model.versions
+    assert v1.strategy == pb.STRATEGY_FEATURE_EXTRACTION and v2.strategy == pb.STRATEGY_FULL_FINE_TUNE
+    assert v1.base_model == "prelabel-base/1" and list(v1.labels) == sorted(shapes.NOVEL_CLASSES)
+    assert 0 < v1.metrics["val_accuracy"] <= 1 and "auto_accept_coverage" in v1.metrics
+    assert "as requested" in v1.strategy_reason
+
+
+def test_cli_train_publishes_and_loads_into_the_running_triton(stack, predict_stub, tmp_path):
+    images, labels = shapes.sample(15 * len(shapes.NOVEL_CLASSES), 80, 51, shapes.NOVEL_CLASSES)
+    for i, (image, y) in enumerate(zip(images, labels, strict=True)):
+        folder = tmp_path / "labelled" / shapes.NOVEL_CLASSES[y]
+        folder.mkdir(parents=True, exist_ok=True)
+        image.save(folder / f"{i}.jpg", quality=92)
+    run = subprocess.run(
+        [PRELABEL, "train", str(tmp_path / "labelled"), "--base", "prelabel-base", "--name", "cli-novel",
+         "--data-dir", str(stack.data_dir)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    assert "90 images in 6 classes" in run.stderr and "%|" in run.stderr  # the progress bar
+    assert "published cli-novel version 1: 90 examples, 15 per class, similarity" in run.stdout
+    assert "feature extraction" in run.stdout and f"loaded into Triton at {stack.triton_url}" in run.stdout
+    test_images, truth = held_out(52)
+    response = predict_stub.Predict(request(test_images, model="cli-novel"), timeout=60)
+    assert accuracy(response, truth) > 0.6
+
+    bad = subprocess.run([PRELABEL, "train", str(tmp_path / "nothing"), "--base", "prelabel-base", "--name", "x",
+                          "--data-dir", str(stack.data_dir)], capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert bad.returncode == 2 and "is not a folder" in bad.stderr
