@@ -54,6 +54,9 @@ NAMES = {
 # on Prelabel's base model, images like its pre-training data score ~0.99, new shapes ~0.6 and
 # handwritten digits ~0.45. Other backbones may need other values.
 SMALL_PER_CLASS = 100
+# From this many examples per class, AUTO also trials full fine-tuning when its rule says feature
+# extraction: near the size boundary the rule alone is often wrong (see docs/benchmarks.md).
+TRIAL_FINE_TUNE_PER_CLASS = 20
 VERY_LARGE_PER_CLASS = 1000
 HIGH_SIMILARITY = 0.5
 
@@ -300,7 +303,14 @@ def _fit(
 
 def _strategy_model(base: Base, strategy: str, classes: int, k: int) -> tuple[backbones.Classifier, list[nn.Module]]:
     if strategy == FROM_SCRATCH:
-        return backbones.build(base.arch, classes, image_size=base.preprocess.crop), []
+        model = backbones.build(base.arch, classes, image_size=base.preprocess.crop)
+        # torchvision's MobileNets and EfficientNets use BatchNorm momentum 0.01, tuned for long
+        # ImageNet runs: from random weights and a few hundred steps, the running statistics would
+        # lag far behind and evaluation would be at chance. 0.1 tracks them.
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.momentum = 0.1
+        return model, []
     model = copy.deepcopy(base.model)
     model.head = nn.Linear(model.embedding_dim, classes)
     if strategy == FREEZE_FIRST_K:
@@ -344,41 +354,42 @@ def train(
 
         return call
 
-    candidates: dict[str, tuple[backbones.Classifier, int]] = {}
+    # strategy -> (model, epochs run, validation logits); feature extraction reuses the cached
+    # embeddings everywhere, since its backbone is the base's: no further pass over the images.
+    candidates: dict[str, tuple[backbones.Classifier, int, torch.Tensor]] = {}
     if decision.chosen == FEATURE_EXTRACTION or (config.strategy == AUTO and config.trial):
         head = _fit_head(train_emb, train_set.labels, val_emb, val_set.labels, n_classes, config.seed,
                          config.learning_rate or 1e-2)  # fmt: skip
+        with torch.no_grad():
+            fe_logits = head(val_emb)
         fe = copy.deepcopy(base.model)
         fe.head = head.to(device)
-        candidates[FEATURE_EXTRACTION] = (fe, 1)
-        report(NAMES[FEATURE_EXTRACTION])(1, 1, 0.0, float((head(val_emb).argmax(1) == val_set.labels).float().mean()))
-    if decision.chosen != FEATURE_EXTRACTION:
-        model, frozen = _strategy_model(base, decision.chosen, n_classes, decision.freeze_first_k)
-        ran, _ = _fit(
-            model, frozen, train_set, val_set, normalize, config, decision.chosen, report(NAMES[decision.chosen])
-        )
-        candidates[decision.chosen] = (model, ran)
+        candidates[FEATURE_EXTRACTION] = (fe, 1, fe_logits)
+        report(NAMES[FEATURE_EXTRACTION])(1, 1, 0.0, float((fe_logits.argmax(1) == val_set.labels).float().mean()))
+    others = [decision.chosen] if decision.chosen != FEATURE_EXTRACTION else []
+    if config.strategy == AUTO and config.trial and not others and decision.per_class >= TRIAL_FINE_TUNE_PER_CLASS:
+        others = [FULL_FINE_TUNE]
+    for strategy in others:
+        model, frozen = _strategy_model(base, strategy, n_classes, decision.freeze_first_k)
+        ran, _ = _fit(model, frozen, train_set, val_set, normalize, config, strategy, report(NAMES[strategy]))
+        candidates[strategy] = (model, ran, _forward(model, val_set.pixels, normalize)[0])
 
-    scores = {}
-    for strategy, (model, _) in candidates.items():
-        logits, _ = _forward(model, val_set.pixels, normalize)
-        scores[strategy] = float((logits.argmax(1) == val_set.labels).float().mean())
+    scores = {s: float((c[2].argmax(1) == val_set.labels).float().mean()) for s, c in candidates.items()}
     if len(scores) > 1:
         decision.trial = {NAMES[s]: a for s, a in scores.items()}
-        if scores[FEATURE_EXTRACTION] > scores[decision.chosen]:
-            decision.reason += (f"; a trial on the validation split preferred feature extraction "
-                                f"({scores[FEATURE_EXTRACTION]:.1%} vs {scores[decision.chosen]:.1%})")  # fmt: skip
-            decision.chosen = FEATURE_EXTRACTION
+        best = max(scores, key=lambda s: (scores[s], s == decision.chosen))  # ties keep the rule's choice
+        tried = ", ".join(f"{NAMES[s]} {a:.1%}" for s, a in scores.items())
+        if best == decision.chosen:
+            decision.reason += f"; confirmed on the validation split ({tried})"
         else:
-            decision.reason += (f"; confirmed on the validation split ({scores[decision.chosen]:.1%} vs "
-                                f"{scores[FEATURE_EXTRACTION]:.1%} for feature extraction)")  # fmt: skip
-    model, epochs_run = candidates[decision.chosen]
+            decision.reason += f"; the validation split preferred {NAMES[best]} ({tried})"
+            decision.chosen = best
+    model, epochs_run, val_logits = candidates[decision.chosen]
 
-    val_logits, _ = _forward(model, val_set.pixels, normalize)
     temperature = calibration.fit_temperature(val_logits, val_set.labels)
     confidence, predicted = torch.softmax(val_logits / temperature, 1).max(1)
     threshold = calibration.threshold_for_precision(confidence, predicted == val_set.labels, config.target_precision)
-    _, final_emb = _forward(model, train_set.pixels, normalize)
+    final_emb = train_emb if decision.chosen == FEATURE_EXTRACTION else _forward(model, train_set.pixels, normalize)[1]
     metrics = {
         "val_accuracy": scores[decision.chosen],
         "val_examples": float(len(val_set)),
