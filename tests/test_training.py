@@ -191,3 +191,20 @@ def test_unknown_strategy_and_bad_precision(base):
 def test_base_must_exist(repository):
     with pytest.raises(InvalidArgument, match="not in the repository"):
         engine.load_base(repository, "nope")
+
+
+def test_similarity_fast_path_equals_the_frechet_formula():
+    from prelabel.training.similarity import frechet, similarity
+
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(64, 64))
+    reference = {"mean": rng.normal(size=64), "cov": a @ a.T / 64}
+    for n in (20, 200):  # fewer and more images than dimensions: both code paths
+        x = rng.normal(size=(n, 64)) * 1.3 + 0.2
+        mean, cov = x.mean(0), np.cov(x, rowvar=False)
+        direct = 1 - frechet(mean, cov, reference["mean"], reference["cov"]) / (
+            np.trace(cov) + np.trace(reference["cov"])
+        )
+        assert similarity(x, reference) == pytest.approx(max(direct, 0.0), abs=1e-6)
+    same = rng.multivariate_normal(reference["mean"], reference["cov"], size=5000)
+    assert similarity(same, reference) > 0.97

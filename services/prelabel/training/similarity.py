@@ -23,10 +23,26 @@ def frechet(mean1: npt.NDArray[Any], cov1: npt.NDArray[Any], mean2: npt.NDArray[
 
 
 def similarity(embeddings: npt.NDArray[Any], reference: dict[str, npt.NDArray[Any]]) -> float:
-    """Similarity in [0, 1] of ``embeddings`` [N, D] to reference statistics (``mean``, ``cov``)."""
+    """Similarity in [0, 1] of ``embeddings`` [N, D] to reference statistics (``mean``, ``cov``).
+
+    With fewer images than dimensions (the usual case) the new covariance is X^T X / (N - 1) for
+    the centred embeddings X, and Tr((C_ref C)^1/2) is the sum of the square roots of the
+    eigenvalues of the small symmetric N x N matrix X C_ref X^T / (N - 1): exact, and milliseconds
+    instead of an eigendecomposition of a D x D product.
+    """
     x = embeddings.astype(np.float64)
-    mean, cov = x.mean(axis=0), np.cov(x, rowvar=False)
+    n = len(x)
+    mean = x.mean(axis=0)
     ref_mean, ref_cov = reference["mean"].astype(np.float64), reference["cov"].astype(np.float64)
-    distance = frechet(mean, cov, ref_mean, ref_cov)
-    scale = float(np.trace(cov) + np.trace(ref_cov))
+    if n > x.shape[1]:
+        cov = np.cov(x, rowvar=False)
+        distance, trace_new = frechet(mean, cov, ref_mean, ref_cov), float(np.trace(cov))
+    else:
+        centred = x - mean
+        gram = centred @ ref_cov @ centred.T / (n - 1)
+        root_trace = float(np.sqrt(np.clip(np.linalg.eigvalsh(gram), 0.0, None)).sum())
+        trace_new = float(np.sum(centred * centred)) / (n - 1)
+        diff = mean - ref_mean
+        distance = float(diff @ diff) + trace_new + float(np.trace(ref_cov)) - 2.0 * root_trace
+    scale = trace_new + float(np.trace(ref_cov))
     return float(np.clip(1.0 - distance / max(scale, 1e-12), 0.0, 1.0))
