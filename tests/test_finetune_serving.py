@@ -107,3 +107,33 @@ def test_cli_train_publishes_and_loads_into_the_running_triton(stack, predict_st
     bad = subprocess.run([PRELABEL, "train", str(tmp_path / "nothing"), "--base", "prelabel-base", "--name", "x",
                           "--data-dir", str(stack.data_dir)], capture_output=True, text=True, timeout=120)  # fmt: skip
     assert bad.returncode == 2 and "is not a folder" in bad.stderr
+
+
+def test_every_strategy_and_a_digits_model_are_served(stack, predict_stub):
+    from prelabel.datasets import digits
+
+    repository = repository_for(Settings(data_dir=stack.data_dir))
+    base = engine.load_base(repository, "prelabel-base")
+    images, labels = shapes.sample(12 * len(shapes.NOVEL_CLASSES), 64, 61, shapes.NOVEL_CLASSES)
+    examples = data.from_images(images, [shapes.NOVEL_CLASSES[y] for y in labels], base.preprocess)
+    published = {}
+    for strategy in (engine.FREEZE_FIRST_K, engine.FROM_SCRATCH):
+        result = engine.train(base, examples, engine.TrainConfig(strategy=strategy, epochs=2))
+        published[strategy] = publish(repository, "every-strategy", result, base)
+    digit_images, digit_labels = digits.load()
+    train = data.from_images(digit_images[:300], [str(y) for y in digit_labels[:300]], base.preprocess)
+    publish(
+        repository, "digits", engine.train(base, train, engine.TrainConfig(strategy=engine.FEATURE_EXTRACTION)), base
+    )
+    assert asyncio.run(load_into_triton(stack.triton_url, "every-strategy"))
+    assert asyncio.run(load_into_triton(stack.triton_url, "digits"))
+
+    test_images, _ = held_out(62, count=6)
+    for strategy, version in published.items():
+        response = predict_stub.Predict(request(test_images, model="every-strategy", version=str(version)), timeout=60)
+        assert response.version == str(version), strategy
+        assert all(p.labels[0].name in shapes.NOVEL_CLASSES for p in response.predictions)
+    held = [(str(i), encode(digit_images[i], "PNG")) for i in range(1500, 1600)]
+    response = predict_stub.Predict(request(held, model="digits", top_k=1), timeout=60)
+    correct = sum(p.labels[0].name == str(digit_labels[1500 + i]) for i, p in enumerate(response.predictions))
+    assert correct > 40, f"{correct}/100 held-out digits"  # 10 classes: chance is 10

@@ -159,7 +159,7 @@ def test_auto_fine_tunes_large_dissimilar_data_and_calibration_holds_on_held_out
     examples = data.from_images(
         [images[i] for i in train_index], [str(labels[i]) for i in train_index], base.preprocess
     )
-    result = engine.train(base, examples, engine.TrainConfig(epochs=6, target_precision=0.95))
+    result = engine.train(base, examples, engine.TrainConfig(epochs=12, target_precision=0.95))
     d = result.decision
     assert d.similarity is not None and d.similarity < engine.HIGH_SIMILARITY and d.per_class >= engine.SMALL_PER_CLASS
     assert d.chosen in (engine.FULL_FINE_TUNE, engine.FROM_SCRATCH), d.reason
