@@ -133,7 +133,7 @@ def test_every_strategy_and_a_digits_model_are_served(stack, predict_stub):
         response = predict_stub.Predict(request(test_images, model="every-strategy", version=str(version)), timeout=60)
         assert response.version == str(version), strategy
         assert all(p.labels[0].name in shapes.NOVEL_CLASSES for p in response.predictions)
-    held = [(str(i), encode(digit_images[i], "PNG")) for i in range(1500, 1600)]
+    held = [(str(i), encode(digit_images[i], "PNG")) for i in range(1500, 1560)]
     response = predict_stub.Predict(request(held, model="digits", top_k=1), timeout=60)
     correct = sum(p.labels[0].name == str(digit_labels[1500 + i]) for i, p in enumerate(response.predictions))
-    assert correct > 40, f"{correct}/100 held-out digits"  # 10 classes: chance is 10
+    assert correct > 24, f"{correct}/60 held-out digits"  # 10 classes: chance is 6
