@@ -14,14 +14,16 @@ from __future__ import annotations
 import time
 import uuid
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from prelabel.errors import FailedPrecondition
 
 QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = "QUEUED", "RUNNING", "SUCCEEDED", "FAILED", "CANCELLED"
 TERMINAL = (SUCCEEDED, FAILED, CANCELLED)
 STATES = (QUEUED, RUNNING, *TERMINAL)
+T = TypeVar("T")
 
 
 @dataclass
@@ -74,16 +76,20 @@ class JobQueue(ABC):
         """The oldest QUEUED job, or a RUNNING one whose lease expired, now RUNNING for ``worker``."""
 
     @abstractmethod
+    def _update(self, job_id: str, change: Callable[[Job], T]) -> tuple[Job, T]:
+        """Apply ``change`` to the stored job atomically (NotFound if there is none); bump its revision."""
+
     def heartbeat(self, job_id: str, worker: str, lease_s: float, progress: float, message: str) -> bool:
         """Renew the lease and record progress; False: stop (lease lost or cancel requested)."""
+        return self._update(job_id, lambda job: beat(job, worker, lease_s, progress, message, time.time()))[1]
 
-    @abstractmethod
     def finish(self, job_id: str, worker: str, state: str, error: str = "",
                result: dict[str, Any] | None = None, metrics: dict[str, float] | None = None) -> Job:  # fmt: skip
         """End the worker's attempt: SUCCEEDED, CANCELLED, FAILED, or QUEUED to retry (if attempts remain)."""
+        return self._update(job_id, lambda job: end(job, worker, state, error, result, metrics, time.time()))[0]
 
-    @abstractmethod
-    def cancel(self, job_id: str) -> Job: ...
+    def cancel(self, job_id: str) -> Job:
+        return self._update(job_id, lambda job: stop(job, time.time()))[0]
 
     @abstractmethod
     def depth(self) -> dict[str, int]:

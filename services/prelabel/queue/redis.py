@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 import redis
 
 from prelabel.errors import InvalidArgument, NotFound, Unavailable
-from prelabel.queue.contract import QUEUED, RUNNING, STATES, Job, JobQueue, beat, end, stop, take
+from prelabel.queue.contract import QUEUED, RUNNING, STATES, Job, JobQueue, take
 
 T = TypeVar("T")
 P = "prelabel:"
@@ -120,16 +120,6 @@ class RedisQueue(JobQueue):
     @staticmethod
     def _claimable(job: Job, now: float) -> bool:
         return job.state == QUEUED or (job.state == RUNNING and job.lease_expires_at < now)
-
-    def heartbeat(self, job_id: str, worker: str, lease_s: float, progress: float, message: str) -> bool:
-        return self._update(job_id, lambda job: beat(job, worker, lease_s, progress, message, time.time()))[1]
-
-    def finish(self, job_id: str, worker: str, state: str, error: str = "",
-               result: dict[str, Any] | None = None, metrics: dict[str, float] | None = None) -> Job:  # fmt: skip
-        return self._update(job_id, lambda job: end(job, worker, state, error, result, metrics, time.time()))[0]
-
-    def cancel(self, job_id: str) -> Job:
-        return self._update(job_id, lambda job: stop(job, time.time()))[0]
 
     def depth(self) -> dict[str, int]:
         counts = self._call(lambda: [self.redis.zcard(f"{P}state:{s}") for s in STATES])

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from prelabel.errors import InvalidArgument, NotFound
-from prelabel.queue.contract import QUEUED, RUNNING, STATES, Job, JobQueue, beat, end, stop, take
+from prelabel.queue.contract import QUEUED, RUNNING, STATES, Job, JobQueue, take
 
 T = TypeVar("T")
 
@@ -122,16 +122,6 @@ class SQLiteQueue(JobQueue):
                 if taken:
                     return job
         return None
-
-    def heartbeat(self, job_id: str, worker: str, lease_s: float, progress: float, message: str) -> bool:
-        return self._update(job_id, lambda job: beat(job, worker, lease_s, progress, message, time.time()))[1]
-
-    def finish(self, job_id: str, worker: str, state: str, error: str = "",
-               result: dict[str, Any] | None = None, metrics: dict[str, float] | None = None) -> Job:  # fmt: skip
-        return self._update(job_id, lambda job: end(job, worker, state, error, result, metrics, time.time()))[0]
-
-    def cancel(self, job_id: str) -> Job:
-        return self._update(job_id, lambda job: stop(job, time.time()))[0]
 
     def depth(self) -> dict[str, int]:
         with self._transaction() as db:
