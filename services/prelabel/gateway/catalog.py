@@ -9,6 +9,7 @@ published a moment ago is found.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from dataclasses import dataclass
@@ -35,7 +36,8 @@ class ModelCatalog:
         self.triton = triton
         self.default_model = default_model
         self.ready: dict[str, set[int]] = {}
-        self._refreshed_at = 0.0
+        self._inflight: asyncio.Task[None] | None = None
+        self._inflight_started = 0.0
         self.versions: dict[str, list[int]] = {}
         self.triton_up = False
         self._cards: dict[tuple[str, int], VersionCard] = {}
@@ -43,7 +45,6 @@ class ModelCatalog:
 
     async def refresh(self) -> None:
         """Re-read versions from the repository and readiness from Triton (down: nothing is ready)."""
-        self._refreshed_at = time.monotonic()
         self.versions = {name: self.repository.versions(name) for name in self.repository.models()}
         try:
             states = await self.triton.model_index()
@@ -60,8 +61,12 @@ class ModelCatalog:
             log.info("Triton is reachable; ready models: %s", {k: sorted(v) for k, v in ready.items()} or "none")
         self.triton_up, self.ready = True, ready
 
-    def _stale(self, min_interval_s: float = 0.2) -> bool:
-        return time.monotonic() - self._refreshed_at >= min_interval_s
+    async def _refresh_since(self, since: float) -> None:
+        """Readiness read by a refresh that started after ``since``; concurrent callers share one."""
+        if self._inflight is None or self._inflight_started <= since:
+            self._inflight_started = time.monotonic()
+            self._inflight = asyncio.create_task(self.refresh())
+        await asyncio.shield(self._inflight)
 
     def default_ready(self) -> bool:
         return self.triton_up and bool(self.ready.get(self.default_model))
@@ -74,6 +79,7 @@ class ModelCatalog:
 
     async def resolve(self, model: str, version: str) -> Resolved:
         """Name and version of a request to a ready model version, or a clear NOT_FOUND/UNAVAILABLE."""
+        asked_at = time.monotonic()
         name = model or self.default_model
         versions = self.versions.get(name, [])
         if not versions or (version.isdigit() and int(version) not in versions):  # a miss: look on disk
@@ -85,8 +91,9 @@ class ModelCatalog:
             raise NotFound(f"model {name!r} does not exist; models: {known} (ListModels shows them all)")
         ready = self.ready.get(name, set())
         wanted = int(version) if version.isdigit() else None
-        if (not ready or (wanted is not None and wanted not in ready)) and self._stale():
-            await self.refresh()  # a version loaded a moment ago is ready before the next periodic refresh
+        if not ready or (wanted is not None and wanted not in ready):
+            # A version loaded a moment ago must answer before the next periodic refresh.
+            await self._refresh_since(asked_at)
             ready = self.ready.get(name, set())
         if not self.triton_up:
             raise Unavailable(f"Triton is unreachable, so model {name!r} cannot answer now; retry shortly")
