@@ -50,6 +50,9 @@ class Preprocess:
         )
 
 
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
+
+
 class ImageError(ValueError):
     """An image that cannot be used; the message says why, ``code`` is the gRPC status name."""
 

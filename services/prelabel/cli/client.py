@@ -14,10 +14,10 @@ import grpc
 from tqdm import tqdm
 
 from prelabel.errors import InvalidArgument, Unavailable
+from prelabel.preprocessing import IMAGE_SUFFIXES
 from prelabel.v1 import prelabel_pb2 as pb
 from prelabel.v1 import prelabel_pb2_grpc as rpc
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 MAX_MESSAGE = 256 * 1024 * 1024
 
 

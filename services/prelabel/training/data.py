@@ -16,9 +16,8 @@ import torch
 from PIL import Image
 
 from prelabel.errors import InvalidArgument
-from prelabel.preprocessing import ImageError, Preprocess, decode
+from prelabel.preprocessing import IMAGE_SUFFIXES, ImageError, Preprocess, decode
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 MIN_PER_CLASS = 3  # at least one validation and two training examples
 
 

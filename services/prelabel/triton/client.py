@@ -71,13 +71,6 @@ class TritonClient:
         except (InferenceServerException, asyncio.TimeoutError, OSError):
             return False
 
-    async def model_ready(self, model: str, version: str = "", timeout_s: float = 2.0) -> bool:
-        """Model readiness, not server readiness: a crashed stub can leave the server green."""
-        try:
-            return bool(await self.client.is_model_ready(model, version, client_timeout=timeout_s))
-        except (InferenceServerException, asyncio.TimeoutError, OSError):
-            return False
-
     async def model_index(self, timeout_s: float = 5.0) -> list[ModelState]:
         try:
             index: dict[str, Any] = await self.client.get_model_repository_index(as_json=True, client_timeout=timeout_s)
