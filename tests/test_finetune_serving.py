@@ -10,10 +10,10 @@ import grpc
 import pytest
 
 from prelabel.datasets import shapes
-from prelabel.gateway.server import repository_for
 from prelabel.settings import Settings
 from prelabel.training import data, engine
 from prelabel.training.publish import load_into_triton, publish
+from prelabel.triton.repository import repository_for
 from prelabel.v1 import prelabel_pb2 as pb
 from prelabel.v1 import prelabel_pb2_grpc as rpc
 from tests.conftest import encode, request

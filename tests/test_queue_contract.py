@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
-import socket
-import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -15,33 +12,14 @@ import pytest
 from prelabel.errors import FailedPrecondition, InvalidArgument, NotFound
 from prelabel.queue import open_queue
 from prelabel.queue.contract import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED, JobQueue
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from tests.stack import RedisServer
 
 
 @pytest.fixture(scope="module")
 def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    server = shutil.which("redis-server")
-    assert server, "redis-server is missing: scripts/setup.sh --test installs it"
-    port, folder = free_port(), tmp_path_factory.mktemp("redis")
-    process = subprocess.Popen(
-        [server, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "yes", "--dir", str(folder)],
-        stdout=subprocess.DEVNULL,
-    )
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            break
-        except OSError:
-            time.sleep(0.05)
-    yield f"redis://127.0.0.1:{port}"
-    process.terminate()
-    process.wait(10)
+    server = RedisServer(tmp_path_factory.mktemp("redis")).start()
+    yield server.url
+    server.stop()
 
 
 @pytest.fixture(params=["sqlite", "redis"])
@@ -161,34 +139,17 @@ def test_unknown_url():
 def test_redis_restart_loses_nothing_and_the_queue_reconnects(tmp_path):
     from prelabel.errors import Unavailable
 
-    port, server = free_port(), shutil.which("redis-server")
-    assert server, "redis-server is missing: scripts/setup.sh --test installs it"
-    command = [server, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "yes",
-               "--appendfsync", "always", "--dir", str(tmp_path)]  # fmt: skip
-
-    def start() -> subprocess.Popen[bytes]:
-        process = subprocess.Popen(command, stdout=subprocess.DEVNULL)
-        for _ in range(200):
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                return process
-            except OSError:
-                time.sleep(0.05)
-        raise TimeoutError("redis-server did not start")
-
-    process = start()
-    queue = open_queue(f"redis://127.0.0.1:{port}/0")
+    server = RedisServer(tmp_path).start()
+    queue = open_queue(f"{server.url}/0")
     job = queue.submit(SPEC, request_id="survives")
     queue.claim("w1", 30)
-    process.terminate()
-    process.wait(10)
+    server.stop()
     with pytest.raises(Unavailable, match="unreachable"):
         queue.get(job.id)
-    process = start()
+    server.start()
     try:
         again = queue.get(job.id)  # same client object: it reconnects by itself
         assert again.state == RUNNING and again.worker == "w1"
         assert queue.submit(SPEC, request_id="survives").id == job.id
     finally:
-        process.terminate()
-        process.wait(10)
+        server.stop()

@@ -6,7 +6,15 @@ cardinality: gRPC method and code, model name, a fixed set of error reasons.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from prelabel.queue.contract import JobQueue
 
 REGISTRY = CollectorRegistry()
 
@@ -42,6 +50,59 @@ TRITON_UP = Gauge("prelabel_triton_up", "1 while Triton answers and the default 
 TRITON_RESTARTS = Counter(
     "prelabel_triton_restarts", "Times the embedded Triton was restarted after exiting.", registry=REGISTRY
 )
+
+# Fine-tuning: datasets, the job queue, trainers
+EXAMPLES_UPLOADED = Counter(
+    "prelabel_examples_uploaded", "Labelled examples accepted by UploadExamples.", registry=REGISTRY
+)
+JOBS_ENDED = Counter(
+    "prelabel_jobs_ended", "Job attempts ended by this trainer, by resulting state (QUEUED: retried).", ["state"],
+    registry=REGISTRY,
+)  # fmt: skip
+JOB_DURATION = Histogram(
+    "prelabel_job_duration_seconds",
+    "Wall time of successful fine-tune attempts, by chosen strategy.",
+    ["strategy"],
+    buckets=(1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600, 7200, 21600),
+    registry=REGISTRY,
+)
+PUBLISH_LATENCY = Histogram(
+    "prelabel_publish_duration_seconds", "Time to publish a version and load it into Triton.",
+    buckets=(0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300), registry=REGISTRY,
+)  # fmt: skip
+VALIDATION_ACCURACY = Gauge(
+    "prelabel_last_validation_accuracy", "Validation accuracy of the last model this trainer published.",
+    registry=REGISTRY,
+)  # fmt: skip
+
+
+class QueueCollector(Collector):
+    """Jobs per state, read from the queue at scrape time (so every gateway reports the shared queue)."""
+
+    def __init__(self, queue: JobQueue) -> None:
+        self.queue = queue
+
+    def collect(self) -> Iterator[Metric]:
+        jobs = GaugeMetricFamily("prelabel_queue_jobs", "Fine-tune jobs in the queue, by state.", labels=["state"])
+        try:
+            depth = self.queue.depth()
+        except Exception:  # an unreachable queue must not break the scrape of everything else
+            depth = {}
+        for state, count in depth.items():
+            jobs.add_metric([state], count)
+        yield jobs
+
+
+_queue_collector: QueueCollector | None = None
+
+
+def watch_queue(queue: JobQueue) -> None:
+    """Report ``queue``'s depth from now on (replacing any queue reported before)."""
+    global _queue_collector
+    if _queue_collector is not None:
+        REGISTRY.unregister(_queue_collector)
+    _queue_collector = QueueCollector(queue)
+    REGISTRY.register(_queue_collector)
 
 
 def serve_metrics(port: int, host: str = "0.0.0.0") -> int:

@@ -62,11 +62,34 @@ class Settings:
     # "builtin" (the packaged pre-trained model), "ARCH:imagenet" or "ARCH:/path/to/weights.pth"
     base_weights: str = "builtin"
 
+    # Fine-tuning: datasets under <data_dir>/datasets, jobs in a durable queue, trainer workers
+    queue_url: str = ""  # default: sqlite:///<data_dir>/queue.db; redis://HOST:PORT/DB for many machines
+    trainer_workers: int = 1  # trainer processes that `prelabel serve` starts (0: none)
+    job_lease_s: float = 30.0  # a worker silent this long is presumed dead; its job is claimed again
+    job_max_attempts: int = 3  # claims before a job is FAILED (a crash or kill -9 counts)
+    trainer_poll_s: float = 1.0  # how often an idle worker looks for a job
+    trainer_device: str = "auto"  # auto (cuda if present), cpu, cuda, cuda:1...
+    max_examples_per_dataset: int = 1_000_000
+    max_label_chars: int = 128
+
     log_level: str = "INFO"
 
     @property
     def repository(self) -> Path:
         return self.model_repository or self.data_dir / "models"
+
+    @property
+    def queue(self) -> str:
+        return self.queue_url or f"sqlite:///{self.data_dir / 'queue.db'}"
+
+    @property
+    def datasets(self) -> Path:
+        return self.data_dir / "datasets"
+
+    @property
+    def checkpoints(self) -> Path:
+        """Training checkpoints, by job: on storage every worker shares, so another can resume."""
+        return self.data_dir / "checkpoints"
 
     @property
     def embedded_triton(self) -> bool:

@@ -8,23 +8,15 @@ import sys
 
 from tqdm import tqdm
 
-from prelabel.gateway.server import repository_for
 from prelabel.settings import Settings
 from prelabel.training import data, engine
-from prelabel.training.publish import load_into_triton, publish
+from prelabel.training.publish import load_into_triton, publish, running_triton
+from prelabel.triton.repository import repository_for
 
 
 def strategy_name(text: str) -> str:
     name = text.upper()
     return name if name.startswith("STRATEGY_") else f"STRATEGY_{name}"
-
-
-def running_triton(settings: Settings) -> str:
-    """The configured Triton, else the one a local ``prelabel serve`` runs on this data directory."""
-    if settings.triton_url:
-        return settings.triton_url
-    url_file = settings.data_dir / "triton" / "url"
-    return url_file.read_text().strip() if url_file.is_file() else ""
 
 
 def train(settings: Settings, args: argparse.Namespace) -> int:

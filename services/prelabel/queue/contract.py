@@ -88,6 +88,10 @@ class JobQueue(ABC):
         """End the worker's attempt: SUCCEEDED, CANCELLED, FAILED, or QUEUED to retry (if attempts remain)."""
         return self._update(job_id, lambda job: end(job, worker, state, error, result, metrics, time.time()))[0]
 
+    def release(self, job_id: str, worker: str, message: str) -> Job:
+        """Give a RUNNING job back to the queue without charging the attempt (the worker is shutting down)."""
+        return self._update(job_id, lambda job: give_back(job, worker, message))[0]
+
     def cancel(self, job_id: str) -> Job:
         return self._update(job_id, lambda job: stop(job, time.time()))[0]
 
@@ -135,6 +139,16 @@ def end(job: Job, worker: str, state: str, error: str, result: dict[str, Any] | 
         job.progress = 1.0
     if state in TERMINAL:
         job.finished_at = now
+
+
+def give_back(job: Job, worker: str, message: str) -> None:
+    if job.state != RUNNING or job.worker != worker:
+        raise FailedPrecondition(f"job {job.id} is not running for worker {worker} (it is {job.state})")
+    if job.cancel_requested:
+        job.state, job.finished_at = CANCELLED, time.time()
+    else:
+        job.state, job.attempts = QUEUED, job.attempts - 1
+    job.worker, job.lease_expires_at, job.message = "", 0.0, message
 
 
 def stop(job: Job, now: float) -> None:

@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
-from prelabel.errors import InvalidArgument, NotFound
+from prelabel.errors import InvalidArgument, NotFound, Unavailable
 from prelabel.queue.contract import QUEUED, RUNNING, STATES, Job, JobQueue, take
 
 T = TypeVar("T")
@@ -46,18 +46,21 @@ class SQLiteQueue(JobQueue):
 
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
-        db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
         try:
-            db.execute("PRAGMA synchronous=FULL")
-            db.execute("BEGIN IMMEDIATE")
+            db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
             try:
-                yield db
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
-            db.execute("COMMIT")
-        finally:
-            db.close()
+                db.execute("PRAGMA synchronous=FULL")
+                db.execute("BEGIN IMMEDIATE")
+                try:
+                    yield db
+                except BaseException:
+                    db.execute("ROLLBACK")
+                    raise
+                db.execute("COMMIT")
+            finally:
+                db.close()
+        except sqlite3.OperationalError as exc:  # locked beyond the timeout, disk full, unreadable file
+            raise Unavailable(f"the job queue {self.path} cannot be used ({exc}); check the disk and retry") from exc
 
     @staticmethod
     def _save(db: sqlite3.Connection, job: Job) -> None:

@@ -15,10 +15,10 @@ import numpy as np
 import torch
 from PIL import Image
 
+from prelabel.datasets.folder import labelled_files
+from prelabel.datasets.store import MIN_PER_CLASS
 from prelabel.errors import InvalidArgument
-from prelabel.preprocessing import IMAGE_SUFFIXES, ImageError, Preprocess, decode
-
-MIN_PER_CLASS = 3  # at least one validation and two training examples
+from prelabel.preprocessing import ImageError, Preprocess, decode
 
 
 @dataclass
@@ -70,12 +70,7 @@ def from_images(images: list[Image.Image], labels: list[str], preprocess: Prepro
 
 def from_folder(root: Path, preprocess: Preprocess) -> Examples:
     """An image folder with one subfolder per class (``root/cat/1.jpg``, ``root/dog/2.png``...)."""
-    if not root.is_dir():
-        raise InvalidArgument(f"{root} is not a folder; pass a folder with one subfolder of images per class")
-    files = [(p, d.name) for d in sorted(root.iterdir()) if d.is_dir() for p in sorted(d.rglob("*"))
-             if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()]  # fmt: skip
-    if not files:
-        raise InvalidArgument(f"no images under {root}: expected one subfolder of images per class")
+    files = labelled_files(root)
     return from_encoded([p.read_bytes() for p, _ in files], [c for _, c in files], preprocess,
                         names=[str(p.relative_to(root)) for p, _ in files])  # fmt: skip
 

@@ -18,9 +18,11 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -128,6 +130,32 @@ class Progress:
 
 
 ProgressCallback = Callable[[Progress], None]
+
+
+class Stopped(Exception):
+    """Training stopped because ``should_stop`` said so (the job was cancelled, or the worker is leaving)."""
+
+
+@dataclass
+class Checkpoint:
+    """The training loop's state, saved after every epoch so that a killed run resumes where it was.
+
+    Saved to a temporary file and renamed, so a kill mid-save leaves the previous checkpoint whole.
+    """
+
+    path: Path
+
+    def load(self) -> dict[str, Any] | None:
+        if not self.path.is_file():
+            return None
+        state: dict[str, Any] = torch.load(self.path, map_location="cpu", weights_only=False)
+        return state
+
+    def save(self, state: dict[str, Any]) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}")
+        torch.save(state, tmp)
+        os.replace(tmp, self.path)
 
 
 @dataclass
@@ -243,8 +271,13 @@ def _fit(
     config: TrainConfig,
     strategy: str,
     report: Callable[[int, int, float, float], None],
-) -> tuple[int, float]:
-    """Mini-batch training with early stopping on validation accuracy; leaves the best weights in ``model``."""
+    checkpoint: Checkpoint | None = None,
+    should_stop: Callable[[], bool] = lambda: False,
+) -> tuple[int, float, int]:
+    """Mini-batch training with early stopping on validation accuracy; leaves the best weights in ``model``.
+
+    Returns (epochs run, best validation accuracy, the epoch a checkpoint resumed from or 0).
+    """
     epochs, lr, body_ratio = DEFAULTS[strategy]
     epochs, lr = config.epochs or epochs, config.learning_rate or lr
     # From random weights the first epochs are at chance while the one-cycle schedule warms up.
@@ -266,12 +299,27 @@ def _fit(
     generator = torch.Generator().manual_seed(config.seed)
     pad = max(2, train_set.pixels.shape[1] // 16)
     best_acc, best_state, stale, ran = -1.0, copy.deepcopy(model.state_dict()), 0, 0
-    for epoch in range(1, epochs + 1):
+    saved = checkpoint.load() if checkpoint else None
+    resumed = 0
+    if saved is not None and saved["strategy"] == strategy and saved["epochs"] == epochs:
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        schedule.load_state_dict(saved["schedule"])
+        scaler.load_state_dict(saved["scaler"])
+        generator.set_state(saved["generator"])
+        torch.set_rng_state(saved["torch_rng"])
+        best_acc, best_state, stale, resumed = saved["best_acc"], saved["best_state"], saved["stale"], saved["epoch"]
+        ran = resumed
+    for epoch in range(resumed + 1, epochs + 1):
+        if stale >= patience:
+            break
         model.train()
         stages.keep_frozen_in_eval(frozen)
         order = torch.randperm(len(train_set), generator=generator)
         total = 0.0
         for i in range(0, len(order), config.batch_size):
+            if should_stop():
+                raise Stopped(f"stopped at epoch {epoch} of {epochs}")
             index = order[i : i + config.batch_size]
             x = _augment(normalize(train_set.pixels[index]), generator, pad)
             y = train_set.labels[index].to(device)
@@ -291,10 +339,15 @@ def _fit(
             best_acc, best_state, stale = acc, copy.deepcopy(model.state_dict()), 0
         else:
             stale += 1
-            if stale >= patience:
-                break
+        if checkpoint:
+            checkpoint.save({
+                "strategy": strategy, "epochs": epochs, "epoch": epoch, "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(), "scaler": scaler.state_dict(),
+                "generator": generator.get_state(), "torch_rng": torch.get_rng_state(),
+                "best_acc": best_acc, "best_state": best_state, "stale": stale,
+            })  # fmt: skip
     model.load_state_dict(best_state)
-    return ran, best_acc
+    return ran, best_acc, resumed
 
 
 def _strategy_model(base: Base, strategy: str, classes: int, k: int) -> tuple[backbones.Classifier, list[nn.Module]]:
@@ -315,9 +368,18 @@ def _strategy_model(base: Base, strategy: str, classes: int, k: int) -> tuple[ba
 
 
 def train(
-    base: Base, examples: data.Examples, config: TrainConfig | None = None, progress: ProgressCallback | None = None
+    base: Base,
+    examples: data.Examples,
+    config: TrainConfig | None = None,
+    progress: ProgressCallback | None = None,
+    checkpoint: Checkpoint | None = None,
+    should_stop: Callable[[], bool] = lambda: False,
 ) -> TrainResult:
-    """Adapt ``base`` to ``examples``; deterministic for a given seed on a given device and thread count."""
+    """Adapt ``base`` to ``examples``; deterministic for a given seed on a given device and thread count.
+
+    With a ``checkpoint``, a run that was killed resumes from its last epoch; ``should_stop`` is
+    asked before every batch and raises :class:`Stopped` when it answers True.
+    """
     config = config or TrainConfig()
     if config.strategy not in STRATEGIES:
         raise InvalidArgument(f"unknown strategy {config.strategy!r}; choose one of {', '.join(STRATEGIES)}")
@@ -353,6 +415,7 @@ def train(
     # strategy -> (model, epochs run, validation logits); feature extraction reuses the cached
     # embeddings everywhere, since its backbone is the base's: no further pass over the images.
     candidates: dict[str, tuple[backbones.Classifier, int, torch.Tensor]] = {}
+    resumed_from = 0
     if decision.chosen == FEATURE_EXTRACTION or (config.strategy == AUTO and config.trial):
         head = _fit_head(train_emb, train_set.labels, val_emb, val_set.labels, n_classes, config.seed,
                          config.learning_rate or 1e-2)  # fmt: skip
@@ -365,9 +428,10 @@ def train(
     if decision.chosen != FEATURE_EXTRACTION:
         torch.manual_seed(config.seed)  # the same model as a run of this strategy alone, trial or not
         model, frozen = _strategy_model(base, decision.chosen, n_classes, decision.freeze_first_k)
-        ran, _ = _fit(
-            model, frozen, train_set, val_set, normalize, config, decision.chosen, report(NAMES[decision.chosen])
-        )
+        ran, _, resumed_from = _fit(
+            model, frozen, train_set, val_set, normalize, config, decision.chosen, report(NAMES[decision.chosen]),
+            checkpoint, should_stop,
+        )  # fmt: skip
         candidates[decision.chosen] = (model, ran, _forward(model, val_set.pixels, normalize)[0])
 
     scores = {s: float((c[2].argmax(1) == val_set.labels).float().mean()) for s, c in candidates.items()}
@@ -402,6 +466,8 @@ def train(
     }
     if similarity is not None:
         metrics["similarity"] = similarity
+    if resumed_from:
+        metrics["resumed_from_epoch"] = float(resumed_from)
     return TrainResult(
         model=model.cpu().eval(),
         arch=base.arch,

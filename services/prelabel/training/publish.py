@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from prelabel.errors import PrelabelError
+from prelabel.settings import Settings
 from prelabel.training.engine import Base, TrainResult
 from prelabel.triton.client import TritonClient
 from prelabel.triton.repository import ModelRepository, VersionCard
@@ -22,7 +23,11 @@ from prelabel.triton.repository import ModelRepository, VersionCard
 log = logging.getLogger("prelabel.training")
 
 
-def publish(repository: ModelRepository, name: str, result: TrainResult, base: Base) -> int:
+def publish(repository: ModelRepository, name: str, result: TrainResult, base: Base, job_id: str = "") -> int:
+    """Add ``result`` as the next version of ``name``; a job publishes once, however often it is retried."""
+    if job_id and (done := published_by(repository, name, job_id)):
+        log.info("job %s already published %s version %d; not publishing again", job_id, name, done)
+        return done
     card = VersionCard(
         arch=result.arch,
         labels=result.classes,
@@ -33,7 +38,7 @@ def publish(repository: ModelRepository, name: str, result: TrainResult, base: B
         metrics=result.metrics,
         temperature=result.temperature,
         auto_accept_threshold=result.threshold,
-        extra={"decision": dataclasses.asdict(result.decision)},
+        extra={"decision": dataclasses.asdict(result.decision), **({"job_id": job_id} if job_id else {})},
     )
 
     def write(folder: Path) -> None:
@@ -43,6 +48,22 @@ def publish(repository: ModelRepository, name: str, result: TrainResult, base: B
     version = repository.add_version(name, card, write)
     log.info("published %s version %d (%s)", name, version, result.decision.reason)
     return version
+
+
+def published_by(repository: ModelRepository, name: str, job_id: str) -> int | None:
+    """The version of ``name`` that job ``job_id`` published, if it did."""
+    for version in repository.versions(name):
+        if repository.card(name, version).extra.get("job_id") == job_id:
+            return version
+    return None
+
+
+def running_triton(settings: Settings) -> str:
+    """The configured Triton, else the one a local ``prelabel serve`` runs on this data directory."""
+    if settings.triton_url:
+        return settings.triton_url
+    url_file = settings.data_dir / "triton" / "url"
+    return url_file.read_text().strip() if url_file.is_file() else ""
 
 
 async def load_into_triton(url: str, name: str, timeout_s: float = 300.0) -> bool:

@@ -21,6 +21,7 @@ from typing import Any
 
 from prelabel.errors import InvalidArgument, NotFound
 from prelabel.preprocessing import Preprocess
+from prelabel.settings import Settings
 
 NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
 
@@ -167,3 +168,16 @@ class ModelRepository:
             with os.fdopen(fd, "w") as f:
                 f.write(text)
             os.replace(tmp, path)
+
+
+def repository_for(settings: Settings) -> ModelRepository:
+    """The model repository that ``settings`` name, writing configs with its Triton options."""
+    return ModelRepository(
+        settings.repository,
+        RepositoryConfig(
+            max_batch_size=settings.triton_max_batch_size,
+            max_queue_delay_us=settings.triton_max_queue_delay_us,
+            instance_count=settings.triton_instance_count,
+            instance_kind=settings.triton_instance_kind,
+        ),
+    )

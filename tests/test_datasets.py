@@ -1,0 +1,98 @@
+"""The dataset store on a real directory: content addressing, appends, relabels, snapshots, refusals."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from prelabel.datasets import shapes
+from prelabel.datasets.store import DatasetStore, Limits
+from prelabel.errors import InvalidArgument, NotFound, ResourceExhausted
+from tests.conftest import encode
+
+
+def image(seed: int, fmt: str = "PNG") -> bytes:
+    return encode(shapes.render(seed % 3, 32, np.random.default_rng(seed)), fmt)
+
+
+def add(store: DatasetStore, name: str, examples: list[tuple[bytes, str]]):
+    upload = store.upload(name)
+    upload.add([(str(i), content, label) for i, (content, label) in enumerate(examples)])
+    return upload.commit()
+
+
+def blobs(store: DatasetStore) -> list[str]:
+    return sorted(p.name for p in (store.root / ".blobs").rglob("*") if p.is_file())
+
+
+def test_upload_appends_and_stores_each_image_once(tmp_path):
+    store = DatasetStore(tmp_path)
+    a, b, c = image(1), image(2, "JPEG"), image(3, "WEBP")
+    info = add(store, "birds", [(a, "robin"), (b, "wren")])
+    assert (info.name, info.example_count, info.class_counts, info.revision) == ("birds", 2, {"robin": 1, "wren": 1}, 2)
+    assert info.created_at > 0 and info.updated_at >= info.created_at
+
+    again = add(store, "birds", [(c, "wren")])  # appends
+    assert again.example_count == 3 and again.class_counts == {"robin": 1, "wren": 2}
+    assert again.created_at == info.created_at
+
+    add(store, "other", [(a, "robin"), (c, "wren")])  # the same images in another dataset: no new files
+    assert len(blobs(store)) == 3
+    assert [i.name for i in store.all()] == ["birds", "other"]
+    images, labels = store.examples("birds")
+    assert images == [a, b, c] and labels == ["robin", "wren", "wren"]
+
+
+def test_an_image_sent_again_is_relabelled_not_counted_twice(tmp_path):
+    store = DatasetStore(tmp_path)
+    a, b = image(1), image(2)
+    add(store, "d", [(a, "cat"), (b, "dog")])
+    info = add(store, "d", [(a, "dog")])
+    assert info.example_count == 2 and info.class_counts == {"dog": 2}
+
+
+def test_a_snapshot_ignores_later_uploads(tmp_path):
+    store = DatasetStore(tmp_path)
+    first = add(store, "d", [(image(1), "cat"), (image(2), "dog")])
+    add(store, "d", [(image(3), "cat"), (image(1), "dog")])
+    assert list(store.snapshot("d", first.revision).values()) == ["cat", "dog"]
+    assert len(store.snapshot("d")) == 3
+
+
+def test_a_bad_example_is_named_by_index_and_nothing_is_added(tmp_path):
+    store = DatasetStore(tmp_path, Limits(max_image_bytes=500_000, max_image_pixels=100_000, max_examples=4))
+    add(store, "d", [(image(1), "cat")])
+    upload = store.upload("d")
+    upload.add([("x", image(2), "cat")])
+    with pytest.raises(InvalidArgument, match=r"example 1 \(image id 'broken'\): the image could not be decoded"):
+        upload.add([("broken", b"\x89PNG not really", "cat")])
+    assert store.info("d").example_count == 1  # the upload was never committed
+
+    for bad in ("", "a\tb", "x" * 200, "new\nline"):
+        with pytest.raises(InvalidArgument, match=r"label .* is not valid"):
+            store.upload("d").add([("", image(3), bad)])
+    with pytest.raises(ResourceExhausted, match="PRELABEL_MAX_IMAGE_BYTES"):
+        store.upload("d").add([("", b"\0" * 600_000, "cat")])
+    big = encode(shapes.render(0, 400, np.random.default_rng(0)), "PNG")
+    with pytest.raises(ResourceExhausted, match="PRELABEL_MAX_IMAGE_PIXELS"):
+        store.upload("d").add([("", big, "cat")])
+    with pytest.raises(ResourceExhausted, match="PRELABEL_MAX_EXAMPLES_PER_DATASET"):
+        add(store, "d", [(image(s), "cat") for s in range(10, 15)])
+    with pytest.raises(InvalidArgument, match="had no examples"):
+        store.upload("d").commit()
+    assert store.info("d").example_count == 1
+
+
+@pytest.mark.parametrize("name", ["../escape", "a/b", ".blobs", "", "UPPER", "x" * 64, "a..b"])
+def test_names_cannot_leave_the_store(tmp_path, name):
+    store = DatasetStore(tmp_path / "datasets")
+    with pytest.raises(InvalidArgument, match="dataset name"):
+        store.upload(name)
+    with pytest.raises(InvalidArgument, match="dataset name"):
+        store.info(name)
+    assert not (tmp_path / "escape").exists()
+
+
+def test_unknown_dataset_is_not_found(tmp_path):
+    with pytest.raises(NotFound, match="upload examples to it"):
+        DatasetStore(tmp_path).info("nothing-here")

@@ -1,0 +1,129 @@
+"""The trainer worker in-process, on a real SQLite queue and real files: success, publish-once,
+permanent failures, cancel, shutdown, and checkpoints that resume a run exactly."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+
+from prelabel.datasets import shapes
+from prelabel.datasets.store import dataset_store
+from prelabel.models.defaults import ensure_default_model
+from prelabel.queue.contract import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED
+from prelabel.settings import Settings
+from prelabel.training import data, engine
+from prelabel.training.publish import published_by
+from prelabel.training.worker import Trainer
+from prelabel.triton.repository import repository_for
+from tests.conftest import encode
+
+
+@pytest.fixture()
+def trainer(tmp_path) -> Trainer:
+    settings = Settings(data_dir=tmp_path, job_lease_s=2.0, trainer_poll_s=0.1, trainer_device="cpu")
+    ensure_default_model(repository_for(settings), settings.default_model, "builtin")
+    images, labels = shapes.sample(8 * 3, 64, 5, shapes.NOVEL_CLASSES[:3])
+    upload = dataset_store(settings).upload("novel")
+    pairs = zip(images, labels, strict=True)
+    upload.add([(str(i), encode(im, "PNG"), shapes.NOVEL_CLASSES[y]) for i, (im, y) in enumerate(pairs)])
+    upload.commit()
+    return Trainer(settings, name="test-worker")
+
+
+def spec(**changes: object) -> dict[str, object]:
+    return {"dataset": "novel", "base_model": "prelabel-base", "output_model": "novel", "strategy":
+            engine.FEATURE_EXTRACTION, **changes}  # fmt: skip
+
+
+def run_next(trainer: Trainer) -> None:
+    job = trainer.queue.claim(trainer.name, trainer.settings.job_lease_s)
+    assert job is not None
+    trainer.run_job(job)
+
+
+def test_a_job_trains_publishes_and_records_its_result(trainer):
+    job = trainer.queue.submit(spec())
+    run_next(trainer)
+    done = trainer.queue.get(job.id)
+    assert done.state == SUCCEEDED and done.progress == 1.0 and done.attempts == 1
+    assert done.result["model_version"] == "1" and done.result["chosen_strategy"] == engine.FEATURE_EXTRACTION
+    assert "as requested" in done.result["strategy_reason"] and 0 < done.metrics["val_accuracy"] <= 1
+    assert published_by(trainer.repository, "novel", job.id) == 1
+    assert not (trainer.settings.checkpoints / job.id).exists()
+
+
+def test_a_job_retried_after_publishing_does_not_publish_again(trainer):
+    job = trainer.queue.submit(spec())
+    claimed = trainer.queue.claim(trainer.name, 0.5)
+    assert claimed is not None
+    from prelabel.training.worker import Heartbeat
+
+    trainer._execute(claimed, Heartbeat(trainer.queue, claimed, trainer.name, 0.5))  # then "killed": no finish
+    time.sleep(0.6)
+    run_next(trainer)  # the lease expired: claimed again
+    done = trainer.queue.get(job.id)
+    assert done.state == SUCCEEDED and done.attempts == 2 and done.result["model_version"] == "1"
+    assert trainer.repository.versions("novel") == [1]
+
+
+def test_bad_input_fails_at_once_without_retries(trainer):
+    missing = trainer.queue.submit(spec(dataset="gone"))
+    run_next(trainer)
+    failed = trainer.queue.get(missing.id)
+    assert failed.state == FAILED and failed.attempts == 1 and "dataset 'gone' does not exist" in failed.error
+    too_deep = trainer.queue.submit(spec(strategy=engine.FREEZE_FIRST_K, freeze_first_k=99))
+    run_next(trainer)
+    assert "freeze_first_k=99" in trainer.queue.get(too_deep.id).error
+
+
+def long_job(trainer: Trainer) -> tuple[str, threading.Thread]:
+    job = trainer.queue.submit(spec(strategy=engine.FROM_SCRATCH, epochs=200))
+    worker = threading.Thread(target=run_next, args=(trainer,))
+    worker.start()
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        current = trainer.queue.get(job.id)
+        if current.state == RUNNING and "epoch" in current.message:
+            return job.id, worker
+        time.sleep(0.1)
+    raise AssertionError(f"the job never reported an epoch: {trainer.queue.get(job.id)}")
+
+
+def test_cancel_stops_a_running_job_within_seconds(trainer):
+    job_id, worker = long_job(trainer)
+    asked = time.monotonic()
+    trainer.queue.cancel(job_id)
+    worker.join(30)
+    job = trainer.queue.get(job_id)
+    assert job.state == CANCELLED and time.monotonic() - asked < 5
+    assert trainer.repository.versions("novel") == []
+
+
+def test_shutdown_hands_the_job_back_uncharged(trainer):
+    job_id, worker = long_job(trainer)
+    trainer.stopping.set()
+    worker.join(30)
+    job = trainer.queue.get(job_id)
+    assert job.state == QUEUED and job.attempts == 0 and "shut down" in job.message
+    assert (trainer.settings.checkpoints / job_id / "training.pt").is_file()  # the next worker resumes
+
+
+def test_a_resumed_run_equals_an_uninterrupted_one(trainer, tmp_path):
+    base = engine.load_base(trainer.repository, "prelabel-base")
+    images, labels = trainer.store.examples("novel")
+    examples = data.from_encoded(images, labels, base.preprocess)
+    config = engine.TrainConfig(strategy=engine.FULL_FINE_TUNE, epochs=4, patience=10)
+    whole = engine.train(base, examples, config)
+
+    checkpoint = engine.Checkpoint(tmp_path / "ckpt.pt")
+    epochs_seen: list[int] = []
+    with pytest.raises(engine.Stopped, match="epoch 3 of 4"):
+        engine.train(base, examples, config, lambda p: epochs_seen.append(p.epoch), checkpoint,
+                     should_stop=lambda: len(epochs_seen) >= 2)  # fmt: skip
+    resumed = engine.train(base, examples, config, checkpoint=checkpoint)
+    assert resumed.metrics["resumed_from_epoch"] == 2 and resumed.metrics["epochs"] == 4
+    for a, b in zip(whole.model.state_dict().values(), resumed.model.state_dict().values(), strict=True):
+        assert torch.allclose(a.float(), b.float(), atol=1e-5)
