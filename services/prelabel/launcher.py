@@ -1,5 +1,7 @@
 """Runs Prelabel's processes: ``serve`` (everything), ``gateway`` and ``triton`` (each part alone).
 
+``serve`` also starts ``trainer_workers`` trainer processes (:mod:`prelabel.training.pool`).
+
 Modelled on vLLM's ``entrypoints/launcher.py``: SIGTERM and SIGINT are handled by the event loop and
 start an orderly shutdown (health NOT_SERVING, in-flight calls finish within the grace period, then
 Triton stops); a failure to start is fatal and says what to do, errors in single requests are not.
@@ -13,10 +15,12 @@ import signal
 import sys
 
 from prelabel.errors import PrelabelError, Unavailable
-from prelabel.gateway.server import Gateway, repository_for, start_gateway
+from prelabel.gateway.server import Gateway, start_gateway
 from prelabel.metrics import serve_metrics
 from prelabel.models.defaults import ensure_default_model
 from prelabel.settings import Settings
+from prelabel.training.pool import TrainerPool
+from prelabel.triton.repository import repository_for
 from prelabel.triton.supervisor import Ports, TritonSupervisor, free_port
 
 log = logging.getLogger("prelabel")
@@ -81,6 +85,7 @@ async def serve(settings: Settings, parts: str = "all") -> None:
     """``parts``: ``all`` (Triton embedded unless triton_url is set), ``gateway`` or ``triton``."""
     stop = _stop_event()
     supervisor: TritonSupervisor | None = None
+    trainers: TrainerPool | None = None
     gateway: Gateway | None = None
     metrics_port: int | None = None
     try:
@@ -91,12 +96,17 @@ async def serve(settings: Settings, parts: str = "all") -> None:
             if not triton_url:
                 raise Unavailable("the gateway needs a Triton: pass --triton-url HOST:PORT or set PRELABEL_TRITON_URL")
             gateway, metrics_port = await _start_gateway(settings, triton_url)
+        if parts == "all" and settings.trainer_workers > 0:
+            trainers = TrainerPool(settings, triton_url)
+            trainers.start()
         _announce(
             settings, gateway, metrics_port, triton_url + (f" (metrics {supervisor.metrics_url})" if supervisor else "")
         )
         await stop.wait()
         log.info("shutting down: finishing in-flight calls (grace %.0fs)", settings.grace_period_s)
     finally:
+        if trainers is not None:
+            await trainers.stop(settings.grace_period_s)
         if gateway is not None:
             await gateway.stop(settings.grace_period_s)
         if supervisor is not None:

@@ -1,4 +1,4 @@
-"""``prelabel``: run the service (serve, gateway, triton) or use it (predict, models).
+"""``prelabel``: run the service (serve, gateway, triton, trainer) or use it (predict, finetune, jobs, models).
 
 Flags override the ``PRELABEL_*`` environment variables of :class:`prelabel.settings.Settings`.
 """
@@ -34,6 +34,18 @@ def _client_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for the gateway and each call")
 
 
+def _training_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--strategy",
+        default="auto",
+        choices=["auto", "feature_extraction", "freeze_first_k", "full_fine_tune", "from_scratch"],
+    )
+    parser.add_argument("--freeze-first-k", type=int, default=0, help="stages to freeze (default: half)")
+    parser.add_argument("--epochs", type=int, default=0, help="default: the strategy's")
+    parser.add_argument("--learning-rate", type=float, default=0.0, help="the head's; default: the strategy's")
+    parser.add_argument("--target-precision", type=float, default=0.95, help="precision that auto-accept must reach")
+
+
 def parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(
         prog="prelabel", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -57,6 +69,12 @@ def parser() -> argparse.ArgumentParser:
     triton.add_argument("--http-port", dest="triton_http_port", type=int, help="Triton HTTP port (0: free)")
     triton.add_argument("--metrics-port", dest="triton_metrics_port", type=int, help="Triton metrics port (0: free)")
 
+    trainer = commands.add_parser("trainer", help="run a trainer worker: take fine-tune jobs from the queue")
+    _service_flags(trainer)
+    trainer.add_argument("--queue-url", help="sqlite:///PATH or redis://HOST:PORT/DB (PRELABEL_QUEUE_URL)")
+    trainer.add_argument("--triton-url", help="Triton to load new versions into (PRELABEL_TRITON_URL)")
+    trainer.add_argument("--metrics-port", type=int, help="Prometheus port, 0 free, -1 off (PRELABEL_METRICS_PORT)")
+
     predict = commands.add_parser("predict", help="pre-label image files and folders; one JSON line per image")
     predict.add_argument("paths", nargs="+", type=Path, help="image files or folders (searched recursively)")
     predict.add_argument("--model", default="", help="model name (default: the server's default model)")
@@ -79,19 +97,28 @@ def parser() -> argparse.ArgumentParser:
     train.add_argument("--base", required=True, help="model to start from (a model in the repository)")
     train.add_argument("--base-version", type=int, default=None, help="its version (default: the newest)")
     train.add_argument("--name", required=True, help="model to publish the result as (a new version of it)")
-    train.add_argument(
-        "--strategy",
-        default="auto",
-        choices=["auto", "feature_extraction", "freeze_first_k", "full_fine_tune", "from_scratch"],
-    )
-    train.add_argument("--freeze-first-k", type=int, default=0, help="stages to freeze (default: half)")
-    train.add_argument("--epochs", type=int, default=0, help="default: the strategy's")
-    train.add_argument("--learning-rate", type=float, default=0.0, help="the head's; default: the strategy's")
+    _training_flags(train)
     train.add_argument("--seed", type=int, default=0)
-    train.add_argument("--target-precision", type=float, default=0.95, help="precision that auto-accept must reach")
     train.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     train.add_argument("--data-dir", type=Path, help="where the model repository is (PRELABEL_DATA_DIR)")
     train.add_argument("--triton-url", help="Triton to load the new version into (default: the local prelabel serve)")
+
+    finetune = commands.add_parser(
+        "finetune", help="upload an image folder, fine-tune on it through the gateway, follow the job"
+    )
+    finetune.add_argument("folder", type=Path, help="one subfolder of images per class")
+    finetune.add_argument("--base", default="", help="model to start from (default: the server's default model)")
+    finetune.add_argument("--name", required=True, help="model to publish the result as (a new version of it)")
+    finetune.add_argument("--dataset", default="", help="dataset to upload to (default: --name); uploads append")
+    _training_flags(finetune)
+    finetune.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    _client_flags(finetune)
+
+    jobs = commands.add_parser("jobs", help="list fine-tune jobs, newest first, or cancel one")
+    jobs.add_argument("--state", choices=["queued", "running", "succeeded", "failed", "cancelled"])
+    jobs.add_argument("--limit", type=int, default=20)
+    jobs.add_argument("--cancel", metavar="JOB_ID", help="cancel this job instead")
+    _client_flags(jobs)
 
     models = commands.add_parser("models", help="list models and their versions")
     _client_flags(models)
@@ -107,6 +134,10 @@ def main(argv: list[str] | None = None) -> int:
 
             settings = Settings.from_env(**options)
             return launcher.run(settings, {"serve": "all"}.get(args.command, args.command))
+        if args.command == "trainer":
+            from prelabel.training import worker
+
+            return worker.main(Settings.from_env(**options))
         if args.command == "train":
             from prelabel.cli import train
 
@@ -117,6 +148,10 @@ def main(argv: list[str] | None = None) -> int:
         server = args.server or f"127.0.0.1:{settings.grpc_port}"
         if args.command == "predict":
             return client.predict(server, args)
+        if args.command in ("finetune", "jobs"):
+            from prelabel.cli import jobs
+
+            return jobs.finetune(server, args) if args.command == "finetune" else jobs.jobs(server, args)
         return client.models(server, args.timeout)
     except PrelabelError as exc:
         print(f"prelabel: {exc.message}", file=sys.stderr)

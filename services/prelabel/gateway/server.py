@@ -17,13 +17,16 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from prelabel import metrics
+from prelabel.datasets.store import dataset_store
 from prelabel.gateway.catalog import ModelCatalog
 from prelabel.gateway.interceptors import ErrorsAndMetrics
+from prelabel.gateway.jobs import Datasets, Jobs
 from prelabel.gateway.predict import Predictor
 from prelabel.gateway.servicers import DatasetServicer, JobServicer, ModelServicer, PredictionServicer
+from prelabel.queue import open_queue
 from prelabel.settings import Settings
 from prelabel.triton.client import TritonClient
-from prelabel.triton.repository import ModelRepository, RepositoryConfig
+from prelabel.triton.repository import repository_for
 from prelabel.v1 import prelabel_pb2 as pb
 from prelabel.v1 import prelabel_pb2_grpc as rpc
 
@@ -32,18 +35,6 @@ log = logging.getLogger("prelabel.gateway")
 SERVICES = tuple(pb.DESCRIPTOR.services_by_name[n].full_name for n in pb.DESCRIPTOR.services_by_name)
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
-
-
-def repository_for(settings: Settings) -> ModelRepository:
-    return ModelRepository(
-        settings.repository,
-        RepositoryConfig(
-            max_batch_size=settings.triton_max_batch_size,
-            max_queue_delay_us=settings.triton_max_queue_delay_us,
-            instance_count=settings.triton_instance_count,
-            instance_kind=settings.triton_instance_kind,
-        ),
-    )
 
 
 @dataclass
@@ -94,8 +85,11 @@ async def start_gateway(settings: Settings, triton_url: str, refresh_period_s: f
     )
     rpc.add_PredictionServiceServicer_to_server(PredictionServicer(Predictor(settings, catalog)), server)
     rpc.add_ModelServiceServicer_to_server(ModelServicer(catalog), server)
-    rpc.add_DatasetServiceServicer_to_server(DatasetServicer(), server)
-    rpc.add_JobServiceServicer_to_server(JobServicer(), server)
+    store = dataset_store(settings)
+    queue = open_queue(settings.queue)
+    metrics.watch_queue(queue)
+    rpc.add_DatasetServiceServicer_to_server(DatasetServicer(Datasets(store)), server)
+    rpc.add_JobServiceServicer_to_server(JobServicer(Jobs(settings, queue, store, catalog.repository)), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for service in ("", *SERVICES):

@@ -6,12 +6,11 @@ Errors are raised, never aborted here: ``interceptors.ErrorsAndMetrics`` maps th
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from typing import Any
 
 from grpc import aio
 
-from prelabel.errors import Unimplemented
 from prelabel.gateway.catalog import ModelCatalog
+from prelabel.gateway.jobs import Datasets, Jobs
 from prelabel.gateway.predict import Predictor
 from prelabel.v1 import prelabel_pb2 as pb
 from prelabel.v1 import prelabel_pb2_grpc as rpc
@@ -42,37 +41,40 @@ class ModelServicer(rpc.ModelServiceServicer):  # type: ignore[misc]
         return self.catalog.describe(request.name)
 
 
-FINE_TUNING_PENDING = (
-    "is not available yet: dataset upload and fine-tune jobs arrive with Prelabel's fine-tuning service; "
-    "until then use Predict with the served models"
-)
-
-
-def _unimplemented(name: str, streaming: bool) -> Any:
-    message = f"{name} {FINE_TUNING_PENDING}"
-    if streaming:
-
-        async def stream(self: Any, request: Any, context: aio.ServicerContext) -> AsyncIterator[Any]:
-            raise Unimplemented(message)
-            yield  # pragma: no cover - makes this an async generator
-
-        return stream
-
-    async def unary(self: Any, request: Any, context: aio.ServicerContext) -> Any:
-        raise Unimplemented(message)
-
-    return unary
-
-
 class DatasetServicer(rpc.DatasetServiceServicer):  # type: ignore[misc]
-    UploadExamples = _unimplemented("UploadExamples", streaming=False)
-    GetDataset = _unimplemented("GetDataset", streaming=False)
-    ListDatasets = _unimplemented("ListDatasets", streaming=False)
+    def __init__(self, datasets: Datasets) -> None:
+        self.datasets = datasets
+
+    async def UploadExamples(
+        self, requests: AsyncIterator[pb.UploadExamplesRequest], context: aio.ServicerContext
+    ) -> pb.Dataset:
+        return await self.datasets.upload(requests)
+
+    async def GetDataset(self, request: pb.GetDatasetRequest, context: aio.ServicerContext) -> pb.Dataset:
+        return await self.datasets.get(request.name)
+
+    async def ListDatasets(
+        self, request: pb.ListDatasetsRequest, context: aio.ServicerContext
+    ) -> pb.ListDatasetsResponse:
+        return await self.datasets.list()
 
 
 class JobServicer(rpc.JobServiceServicer):  # type: ignore[misc]
-    CreateFineTuneJob = _unimplemented("CreateFineTuneJob", streaming=False)
-    GetJob = _unimplemented("GetJob", streaming=False)
-    ListJobs = _unimplemented("ListJobs", streaming=False)
-    CancelJob = _unimplemented("CancelJob", streaming=False)
-    WatchJob = _unimplemented("WatchJob", streaming=True)
+    def __init__(self, jobs: Jobs) -> None:
+        self.jobs = jobs
+
+    async def CreateFineTuneJob(self, request: pb.CreateFineTuneJobRequest, context: aio.ServicerContext) -> pb.Job:
+        return await self.jobs.create(request)
+
+    async def GetJob(self, request: pb.GetJobRequest, context: aio.ServicerContext) -> pb.Job:
+        return await self.jobs.get(request.id)
+
+    async def ListJobs(self, request: pb.ListJobsRequest, context: aio.ServicerContext) -> pb.ListJobsResponse:
+        return await self.jobs.list(request)
+
+    async def CancelJob(self, request: pb.CancelJobRequest, context: aio.ServicerContext) -> pb.Job:
+        return await self.jobs.cancel(request.id)
+
+    async def WatchJob(self, request: pb.WatchJobRequest, context: aio.ServicerContext) -> AsyncIterator[pb.Job]:
+        async for job in self.jobs.watch(request.id):
+            yield job

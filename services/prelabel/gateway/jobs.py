@@ -1,0 +1,221 @@
+"""Datasets and fine-tune jobs behind the gateway: checks requests, then talks to the store and queue.
+
+Queue and store calls block (SQLite, Redis, files), so they run in worker threads, off the event
+loop. An unreachable queue is UNAVAILABLE for the call, and logged once when it goes away and once
+when it comes back. ``WatchJob`` follows a job's ``revision``: every change is sent, in order,
+until a terminal state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from collections.abc import AsyncIterator, Callable
+from typing import Any, TypeVar
+
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from prelabel import metrics
+from prelabel.datasets.store import MIN_PER_CLASS, DatasetInfo, DatasetStore
+from prelabel.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from prelabel.queue.contract import TERMINAL, Job, JobQueue
+from prelabel.settings import Settings
+from prelabel.triton.repository import ModelRepository, validate_name
+from prelabel.v1 import prelabel_pb2 as pb
+
+log = logging.getLogger("prelabel.gateway")
+T = TypeVar("T")
+
+JOB_ID = re.compile(r"^[0-9a-f]{32}$")
+MAX_REQUEST_ID = 200
+MAX_EPOCHS = 1000
+MAX_PAGE_SIZE = 1000
+WATCH_POLL_S = 0.25
+
+
+def timestamp(seconds: float) -> Timestamp | None:
+    if not seconds:
+        return None
+    ts = Timestamp()
+    ts.FromNanoseconds(int(seconds * 1e9))
+    return ts
+
+
+def dataset_pb(info: DatasetInfo) -> pb.Dataset:
+    return pb.Dataset(
+        name=info.name,
+        example_count=info.example_count,
+        class_counts=info.class_counts,
+        created_at=timestamp(info.created_at),
+        updated_at=timestamp(info.updated_at),
+    )
+
+
+def job_pb(job: Job) -> pb.Job:
+    spec, result = job.spec, job.result
+    return pb.Job(
+        id=job.id,
+        state=pb.JobState.Value(job.state),
+        progress=job.progress,
+        message=job.message,
+        dataset=spec.get("dataset", ""),
+        base_model=spec.get("base_model", ""),
+        output_model=spec.get("output_model", ""),
+        requested_strategy=pb.Strategy.Value(spec.get("strategy") or "STRATEGY_AUTO"),
+        chosen_strategy=pb.Strategy.Value(result.get("chosen_strategy") or "STRATEGY_UNSPECIFIED"),
+        strategy_reason=result.get("strategy_reason", ""),
+        model_version=result.get("model_version", ""),
+        metrics=job.metrics,
+        error=job.error,
+        attempts=job.attempts,
+        created_at=timestamp(job.created_at),
+        started_at=timestamp(job.started_at),
+        finished_at=timestamp(job.finished_at),
+    )
+
+
+class Datasets:
+    def __init__(self, store: DatasetStore) -> None:
+        self.store = store
+
+    async def upload(self, requests: AsyncIterator[pb.UploadExamplesRequest]) -> pb.Dataset:
+        upload = None
+        async for request in requests:
+            if upload is None:
+                if not request.dataset:
+                    raise InvalidArgument("the first UploadExamplesRequest must name the dataset")
+                upload = self.store.upload(request.dataset)
+            elif request.dataset and request.dataset != upload.name:
+                raise InvalidArgument(
+                    f"one upload goes to one dataset: got {request.dataset!r} after {upload.name!r}; "
+                    "use one UploadExamples call per dataset"
+                )
+            examples = [(e.image.id, e.image.content, e.label) for e in request.examples]
+            await asyncio.to_thread(upload.add, examples)
+        if upload is None:
+            raise InvalidArgument("UploadExamples received no messages; send at least one with examples")
+        info = await asyncio.to_thread(upload.commit)
+        metrics.EXAMPLES_UPLOADED.inc(len(upload.added))
+        log.info("dataset %r: %d examples added (%d bytes), %d in all", info.name, len(upload.added), upload.bytes,
+                 info.example_count)  # fmt: skip
+        return dataset_pb(info)
+
+    async def get(self, name: str) -> pb.Dataset:
+        return dataset_pb(await asyncio.to_thread(self.store.info, name))
+
+    async def list(self) -> pb.ListDatasetsResponse:
+        return pb.ListDatasetsResponse(datasets=[dataset_pb(i) for i in await asyncio.to_thread(self.store.all)])
+
+
+class Jobs:
+    def __init__(self, settings: Settings, queue: JobQueue, store: DatasetStore, repository: ModelRepository) -> None:
+        self.settings = settings
+        self.queue = queue
+        self.store = store
+        self.repository = repository
+        self._unreachable = False
+
+    async def _call(self, fn: Callable[..., T], *args: object) -> T:
+        try:
+            value = await asyncio.to_thread(fn, *args)
+        except Unavailable as exc:
+            if not self._unreachable:
+                log.warning("job queue unreachable: %s", exc.message)
+                self._unreachable = True
+            raise
+        if self._unreachable:
+            log.info("job queue reachable again")
+            self._unreachable = False
+        return value
+
+    async def create(self, request: pb.CreateFineTuneJobRequest) -> pb.Job:
+        spec = await asyncio.to_thread(self._spec, request)
+        if len(request.request_id) > MAX_REQUEST_ID:
+            raise InvalidArgument(f"request_id is {len(request.request_id)} characters; use at most {MAX_REQUEST_ID}")
+        job = await self._call(self.queue.submit, spec, request.request_id, self.settings.job_max_attempts)
+        log.info("job %s: %s (request_id %r)", job.id, job.state, request.request_id)
+        return job_pb(job)
+
+    def _spec(self, request: pb.CreateFineTuneJobRequest) -> dict[str, object]:
+        """The job as the trainer will run it: names resolved, the dataset pinned to its current revision."""
+        info = self.store.info(validate_name(request.dataset, "dataset"))
+        few = {c: n for c, n in info.class_counts.items() if n < MIN_PER_CLASS}
+        if len(info.class_counts) < 2 or few:
+            raise FailedPrecondition(
+                f"dataset {info.name!r} has {info.class_counts or 'no examples'}; fine-tuning needs at least 2 "
+                f"classes with {MIN_PER_CLASS} examples each: upload more with UploadExamples"
+            )
+        base = request.base_model or self.settings.default_model
+        versions = self.repository.versions(validate_name(base, "base_model"))
+        if not versions:
+            raise NotFound(f"base_model {base!r} is not in the model repository; ListModels shows the models there are")
+        if not request.output_model:
+            raise InvalidArgument("output_model is required: the name to publish the fine-tuned model as")
+        validate_name(request.output_model, "output_model")
+        if request.freeze_first_k < 0:
+            raise InvalidArgument(f"freeze_first_k={request.freeze_first_k} must be 0 (the trainer chooses) or more")
+        if not 0 <= request.epochs <= MAX_EPOCHS:
+            raise InvalidArgument(f"epochs={request.epochs} must be 0 (the strategy's default) to {MAX_EPOCHS}")
+        if not 0 <= request.learning_rate < 1:
+            raise InvalidArgument(f"learning_rate={request.learning_rate} must be 0 (the default) or in (0, 1)")
+        if not 0 <= request.target_precision < 1:
+            raise InvalidArgument(f"target_precision={request.target_precision} must be 0 (0.95) or in (0, 1)")
+        strategy = _enum_name(pb.Strategy, request.strategy, "strategy") or "STRATEGY_AUTO"
+        return {
+            "dataset": info.name,
+            "dataset_revision": info.revision,
+            "base_model": base,
+            "base_version": max(versions),
+            "output_model": request.output_model,
+            "strategy": strategy,
+            "freeze_first_k": request.freeze_first_k,
+            "epochs": request.epochs,
+            "learning_rate": request.learning_rate,
+            "target_precision": request.target_precision,
+        }
+
+    async def get(self, job_id: str) -> pb.Job:
+        return job_pb(await self._call(self.queue.get, _job_id(job_id)))
+
+    async def list(self, request: pb.ListJobsRequest) -> pb.ListJobsResponse:
+        state = _enum_name(pb.JobState, request.state, "state")
+        if not 0 <= request.page_size <= MAX_PAGE_SIZE:
+            raise InvalidArgument(f"page_size={request.page_size} must be 0 (50) to {MAX_PAGE_SIZE}")
+        if request.page_token and not request.page_token.isdigit():
+            raise InvalidArgument(f"page_token {request.page_token!r} is not one that ListJobs returned")
+        jobs, token = await self._call(self.queue.list, state, request.page_size or 50, request.page_token)
+        return pb.ListJobsResponse(jobs=[job_pb(j) for j in jobs], next_page_token=token)
+
+    async def cancel(self, job_id: str) -> pb.Job:
+        job = await self._call(self.queue.cancel, _job_id(job_id))
+        log.info("job %s: cancel requested (%s)", job.id, job.state)
+        return job_pb(job)
+
+    async def watch(self, job_id: str) -> AsyncIterator[pb.Job]:
+        """The job now, then after every change, ending with its terminal state."""
+        job_id, revision = _job_id(job_id), 0
+        while True:
+            job = await self._call(self.queue.get, job_id)
+            if job.revision != revision:
+                revision = job.revision
+                yield job_pb(job)
+            if job.state in TERMINAL:
+                return
+            await asyncio.sleep(WATCH_POLL_S)
+
+
+def _enum_name(enum: Any, number: int, field: str) -> str:
+    """The enum value's name, "" for 0 (unspecified)."""
+    try:
+        return str(enum.Name(number)) if number else ""
+    except ValueError:
+        raise InvalidArgument(
+            f"{field}={number} is not a known value; use one of {', '.join(enum.keys()[1:])}"
+        ) from None
+
+
+def _job_id(job_id: str) -> str:
+    if not JOB_ID.match(job_id):
+        raise InvalidArgument(f"job id {job_id[:80]!r} is not valid: job ids are 32 hexadecimal characters")
+    return job_id

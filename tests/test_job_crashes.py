@@ -1,0 +1,201 @@
+"""Crashes and faults with real processes on both queue backends (a SQLite file, a real redis-server):
+kill -9 of trainers mid-training, two trainers on one queue, a gateway restart, a Redis restart."""
+
+from __future__ import annotations
+
+import re
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from prelabel.datasets import shapes
+from prelabel.datasets.store import dataset_store
+from prelabel.models.defaults import ensure_default_model
+from prelabel.queue import open_queue
+from prelabel.queue.contract import RUNNING, SUCCEEDED, TERMINAL, Job, JobQueue
+from prelabel.settings import Settings
+from prelabel.training import engine
+from prelabel.training.publish import published_by
+from prelabel.triton.repository import repository_for
+from prelabel.v1 import prelabel_pb2 as pb
+from prelabel.v1 import prelabel_pb2_grpc as rpc
+from tests.conftest import encode, request
+from tests.stack import Process, RedisServer, Stack, environment, wait_for_health
+
+pytestmark = pytest.mark.stack
+EPOCH = re.compile(r"epoch (\d+)/")
+
+
+@pytest.fixture(scope="module")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path_factory.mktemp("redis")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+def queue_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'jobs.db'}"
+    url = f"{request.getfixturevalue('redis_server').url}/{abs(hash(request.node.name)) % 15 + 1}"
+    open_queue(url).redis.flushdb()  # type: ignore[attr-defined]
+    return url
+
+
+def labelled(per_class: int, seed: int) -> list[pb.Example]:
+    classes = shapes.NOVEL_CLASSES[:3]
+    images, labels = shapes.sample(per_class * len(classes), 64, seed, classes)
+    return [pb.Example(image=pb.Image(id=str(i), content=encode(im, "PNG")), label=classes[y])
+            for i, (im, y) in enumerate(zip(images, labels, strict=True))]  # fmt: skip
+
+
+def prepare(data_dir: Path, dataset: str) -> None:
+    """A data directory with the default model and a small dataset, as a gateway would leave it."""
+    settings = Settings(data_dir=data_dir)
+    ensure_default_model(repository_for(settings), settings.default_model, "builtin")
+    upload = dataset_store(settings).upload(dataset)
+    upload.add([(e.image.id, e.image.content, e.label) for e in labelled(8, 3)])
+    upload.commit()
+
+
+def trainer(data_dir: Path, queue_url: str, **settings: object) -> Process:
+    options = {"queue_url": queue_url, "job_lease_s": 2, "trainer_poll_s": 0.2, "metrics_port": -1,
+               "trainer_device": "cpu", "log_level": "INFO", **settings}  # fmt: skip
+    return Process(["trainer"], environment(data_dir, **options)).start()
+
+
+def wait_until(queue: JobQueue, job_id: str, done: object, timeout: float = 180) -> Job:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = queue.get(job_id)
+        if done(job):  # type: ignore[operator]
+            return job
+        time.sleep(0.1)
+    raise AssertionError(f"job {job_id} did not get there in {timeout}s: {queue.get(job_id)}")
+
+
+def epoch(job: Job) -> int:
+    m = EPOCH.search(job.message) if job.state == RUNNING else None
+    return int(m.group(1)) if m else 0
+
+
+def test_kill_9_mid_training_resumes_from_checkpoints_and_publishes_once(tmp_path, queue_url):
+    prepare(tmp_path, "crash")
+    queue = open_queue(queue_url)
+    job = queue.submit({"dataset": "crash", "base_model": "prelabel-base", "output_model": "crash",
+                        "strategy": engine.FROM_SCRATCH, "epochs": 40}, max_attempts=5)  # fmt: skip
+    reached = 0
+    for _ in range(2):
+        worker = trainer(tmp_path, queue_url)
+        reached = epoch(wait_until(queue, job.id, lambda j, r=reached: epoch(j) >= r + 2))
+        worker.stop(signal.SIGKILL)  # mid-epoch, no goodbye: the lease must expire
+    final = trainer(tmp_path, queue_url)
+    try:
+        done = wait_until(queue, job.id, lambda j: j.state in TERMINAL)
+    finally:
+        final.stop()
+    assert done.state == SUCCEEDED, done.error
+    assert done.attempts == 3 and done.result["model_version"] == "1"
+    assert 2 <= done.metrics["resumed_from_epoch"] <= 40  # resumed, not restarted from zero
+    repository = repository_for(Settings(data_dir=tmp_path))
+    assert repository.versions("crash") == [1] and published_by(repository, "crash", job.id) == 1
+    assert not (tmp_path / "checkpoints" / job.id).exists()
+
+
+def test_two_trainers_never_run_the_same_job(tmp_path, queue_url):
+    prepare(tmp_path, "pair")
+    queue = open_queue(queue_url)
+    jobs = [queue.submit({"dataset": "pair", "base_model": "prelabel-base", "output_model": f"pair-{i}",
+                          "strategy": engine.FEATURE_EXTRACTION}) for i in range(4)]  # fmt: skip
+    workers = [trainer(tmp_path, queue_url), trainer(tmp_path, queue_url)]
+    try:
+        for job in jobs:
+            assert wait_until(queue, job.id, lambda j: j.state in TERMINAL).state == SUCCEEDED
+    finally:
+        for w in workers:
+            w.stop()
+    repository = repository_for(Settings(data_dir=tmp_path))
+    for i, job in enumerate(jobs):
+        assert queue.get(job.id).attempts == 1 and repository.versions(f"pair-{i}") == [1]
+        runs = [w for w in workers if f"job {job.id}: attempt" in w.log()]
+        assert len(runs) == 1, f"job {job.id} ran in {len(runs)} workers"
+
+
+def gateway(data_dir: Path, triton_url: str, queue_url: str) -> Stack:
+    gw = Stack.serve(data_dir, "gateway", ["--triton-url", triton_url], queue_url=queue_url)
+    wait_for_health(gw.address, timeout=60)
+    return gw
+
+
+def start_job(address: str, dataset: str) -> pb.Job:
+    with grpc.insecure_channel(address) as channel:
+        rpc.DatasetServiceStub(channel).UploadExamples(
+            iter([pb.UploadExamplesRequest(dataset=dataset, examples=labelled(8, 5))]), timeout=60
+        )
+        create = pb.CreateFineTuneJobRequest(
+            dataset=dataset, output_model=dataset, strategy=pb.STRATEGY_FROM_SCRATCH, epochs=30
+        )
+        job: pb.Job = rpc.JobServiceStub(channel).CreateFineTuneJob(create, timeout=30)
+    return job
+
+
+def watch(address: str, job_id: str, until: object) -> pb.Job:
+    with grpc.insecure_channel(address) as channel:
+        for job in rpc.JobServiceStub(channel).WatchJob(pb.WatchJobRequest(id=job_id), timeout=240):
+            if until(job):  # type: ignore[operator]
+                return job
+    raise AssertionError(f"WatchJob ended before the condition held; last {job}")
+
+
+def test_a_gateway_restart_does_not_stop_the_job_and_watching_resumes(stack, queue_url):
+    dataset = f"gw-restart-{queue_url.split(':')[0]}"
+    first = gateway(stack.data_dir, stack.triton_url, queue_url)
+    worker = trainer(stack.data_dir, queue_url, triton_url=stack.triton_url)
+    try:
+        job = start_job(first.address, dataset)
+        watch(first.address, job.id, lambda j: "epoch" in j.message)
+        first.process.stop(signal.SIGKILL)
+        second = gateway(stack.data_dir, stack.triton_url, queue_url)
+        try:
+            final = watch(second.address, job.id, lambda j: j.state in TERMINAL)
+            assert final.state == pb.SUCCEEDED and final.attempts == 1, final.error
+            with grpc.insecure_channel(second.address) as channel:
+                images, _ = shapes.sample(6, 64, 8, shapes.NOVEL_CLASSES[:3])
+                response = rpc.PredictionServiceStub(channel).Predict(
+                    request([(str(i), encode(im, "PNG")) for i, im in enumerate(images)], model=dataset), timeout=60
+                )
+            assert response.version == final.model_version == "1"
+            assert {p.labels[0].name for p in response.predictions} <= set(shapes.NOVEL_CLASSES[:3])
+        finally:
+            second.stop()
+    finally:
+        worker.stop()
+        first.stop()
+
+
+def test_a_redis_restart_loses_nothing_and_everyone_reconnects(stack, tmp_path):
+    redis = RedisServer(tmp_path).start()
+    url = f"{redis.url}/0"
+    gw = gateway(stack.data_dir, stack.triton_url, url)
+    worker = trainer(stack.data_dir, url, triton_url=stack.triton_url, job_lease_s=15)
+    try:
+        job = start_job(gw.address, "redis-restart")
+        watch(gw.address, job.id, lambda j: "epoch" in j.message)
+        redis.stop()
+        with grpc.insecure_channel(gw.address) as channel, pytest.raises(grpc.RpcError) as info:
+            rpc.JobServiceStub(channel).GetJob(pb.GetJobRequest(id=job.id), timeout=20)
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE and "check Redis" in info.value.details()
+        time.sleep(2)  # the trainer's heartbeats fail meanwhile; training goes on
+        redis.start()
+        final = watch(gw.address, job.id, lambda j: j.state in TERMINAL)
+        assert final.state == pb.SUCCEEDED and final.attempts == 1 and final.model_version == "1", final.error
+        assert "job queue reachable again" in gw.process.log()
+        assert "reachable again" in worker.log() and "heartbeat for job" in worker.log()
+    finally:
+        worker.stop()
+        gw.stop()
+        redis.stop()
