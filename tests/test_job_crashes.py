@@ -28,6 +28,7 @@ from tests.stack import Process, RedisServer, Stack, environment, wait_for_healt
 
 pytestmark = pytest.mark.stack
 EPOCH = re.compile(r"epoch (\d+)/")
+DONE = (pb.SUCCEEDED, pb.FAILED, pb.CANCELLED)  # terminal states on the wire
 
 
 @pytest.fixture(scope="module")
@@ -161,7 +162,7 @@ def test_a_gateway_restart_does_not_stop_the_job_and_watching_resumes(stack, que
         first.process.stop(signal.SIGKILL)
         second = gateway(stack.data_dir, stack.triton_url, queue_url)
         try:
-            final = watch(second.address, job.id, lambda j: j.state in TERMINAL)
+            final = watch(second.address, job.id, lambda j: j.state in DONE)
             assert final.state == pb.SUCCEEDED and final.attempts == 1, final.error
             with grpc.insecure_channel(second.address) as channel:
                 images, _ = shapes.sample(6, 64, 8, shapes.NOVEL_CLASSES[:3])
@@ -191,7 +192,7 @@ def test_a_redis_restart_loses_nothing_and_everyone_reconnects(stack, tmp_path):
         assert info.value.code() == grpc.StatusCode.UNAVAILABLE and "check Redis" in info.value.details()
         time.sleep(2)  # the trainer's heartbeats fail meanwhile; training goes on
         redis.start()
-        final = watch(gw.address, job.id, lambda j: j.state in TERMINAL)
+        final = watch(gw.address, job.id, lambda j: j.state in DONE)
         assert final.state == pb.SUCCEEDED and final.attempts == 1 and final.model_version == "1", final.error
         assert "job queue reachable again" in gw.process.log()
         assert "reachable again" in worker.log() and "heartbeat for job" in worker.log()
