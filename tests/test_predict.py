@@ -128,15 +128,6 @@ def test_deadline_exceeded(predict_stub):
     assert predict_stub.Predict(request(photos[:1]), timeout=60).predictions[0].labels
 
 
-def test_unimplemented_rpcs_say_why(channel):
-    with pytest.raises(grpc.RpcError) as err:
-        rpc.JobServiceStub(channel).GetJob(pb.GetJobRequest(id="x"), timeout=10)
-    assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED and "fine-tuning" in err.value.details()
-    with pytest.raises(grpc.RpcError) as err:
-        list(rpc.JobServiceStub(channel).WatchJob(pb.WatchJobRequest(id="x"), timeout=10))
-    assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
-
-
 def test_predict_stream_keeps_order_over_many_batches(predict_stub, labelled_images):
     images = [(i, c) for i, c, _ in labelled_images]
     requests = [request([(f"{b}-{i}", c) for i, c in images[b % 5 : b % 5 + 6]], top_k=1) for b in range(40)]

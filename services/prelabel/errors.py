@@ -41,8 +41,12 @@ class DeadlineExceeded(PrelabelError):
     code = grpc.StatusCode.DEADLINE_EXCEEDED
 
 
-class Unimplemented(PrelabelError):
-    code = grpc.StatusCode.UNIMPLEMENTED
+class Unauthenticated(PrelabelError):
+    code = grpc.StatusCode.UNAUTHENTICATED
+
+
+class PermissionDenied(PrelabelError):
+    code = grpc.StatusCode.PERMISSION_DENIED
 
 
 class Internal(PrelabelError):
