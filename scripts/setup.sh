@@ -11,16 +11,18 @@ packages=()
 ldconfig -p | grep -q "libpython${pyver}.so.1.0" || packages+=("libpython${pyver}")
 if [[ "${1:-}" == "--test" ]]; then
   command -v redis-server >/dev/null || packages+=(redis-server)
+  command -v promtool >/dev/null || packages+=(prometheus)          # promtool check metrics/rules
+  command -v kubectl >/dev/null || packages+=(kubernetes-client)    # kubectl kustomize
 fi
 if ((${#packages[@]})); then
   sudo=""; [[ $(id -u) -eq 0 ]] || sudo="sudo"
   echo "setup: installing system packages: ${packages[*]}"
   $sudo apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${packages[@]}" >/dev/null
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${packages[@]}" >/dev/null
 fi
 
 [[ -x .venv/bin/python ]] || "$python" -m venv .venv
-extra=""; [[ "${1:-}" == "--test" ]] && extra="[test]"
+extra="[embedded]"; [[ "${1:-}" == "--test" ]] && extra="[embedded,test]"
 echo "setup: installing Prelabel${extra} into .venv (torch takes a minute the first time)"
 .venv/bin/pip install --quiet --disable-pip-version-check -e ".${extra}" 2>&1 | grep -v "^WARNING: Location" || true
 .venv/bin/python -c "import prelabel, torch, tritonclient.grpc, pytriton" \

@@ -104,6 +104,7 @@ class Stack:
     address: str
     metrics_url: str | None
     triton_url: str
+    triton_metrics_url: str | None = None
 
     @classmethod
     def serve(cls, data_dir: Path, command: str = "serve", extra: list[str] | None = None, **settings: object) -> Stack:
@@ -119,6 +120,7 @@ class Stack:
             f"127.0.0.1:{port}",
             f"http://127.0.0.1:{metrics.group(1)}/metrics" if metrics else None,
             triton.group(1) if triton else "",
+            triton.group(2) if triton else None,
         )
         return stack
 

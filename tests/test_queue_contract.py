@@ -72,6 +72,28 @@ def test_an_expired_lease_is_claimed_again_until_attempts_run_out(queue):
     assert failed.state == FAILED and "stopped answering" in failed.error
 
 
+def test_stats_show_backlog_age_and_dead_workers(queue):
+    assert queue.stats(time.time()).oldest_queued_age_s == 0 and queue.stats(time.time()).expired_leases == 0
+    first = queue.submit(SPEC)
+    queue.submit(SPEC)
+    queue.claim("dies", lease_s=0.05)
+    later = time.time() + 60
+    stats = queue.stats(later)
+    assert stats.depth[QUEUED] == 1 and stats.depth[RUNNING] == 1 and stats.expired_leases == 1
+    assert 59 < stats.oldest_queued_age_s < 70
+    assert queue.stats(queue.get(first.id).lease_expires_at - 1).expired_leases == 0
+
+
+def test_release_hands_the_job_back_without_charging_an_attempt(queue):
+    job = queue.submit(SPEC, max_attempts=1)
+    queue.claim("leaving", 30)
+    back = queue.release(job.id, "leaving", "worker shut down")
+    assert back.state == QUEUED and back.attempts == 0 and back.worker == "" and back.message == "worker shut down"
+    assert queue.claim("next", 30).attempts == 1  # its one attempt is still there
+    with pytest.raises(FailedPrecondition):
+        queue.release(job.id, "leaving", "")
+
+
 def test_failed_attempts_retry_then_fail_with_the_last_error(queue):
     job = queue.submit(SPEC, max_attempts=2)
     queue.claim("w1", 30)

@@ -73,7 +73,9 @@ async def _start_gateway(settings: Settings, triton_url: str) -> tuple[Gateway, 
 def _announce(settings: Settings, gateway: Gateway | None, metrics_port: int | None, triton: str) -> None:
     lines = []
     if gateway is not None:
-        lines.append(f"Prelabel gateway listening on {settings.grpc_host}:{gateway.port} (gRPC)")
+        security = "mutual TLS" if settings.tls_client_ca_file else "TLS" if settings.tls_cert_file else "plaintext"
+        tokens = ", bearer tokens required" if settings.auth_tokens_file else ""
+        lines.append(f"Prelabel gateway listening on {settings.grpc_host}:{gateway.port} (gRPC, {security}{tokens})")
     if metrics_port is not None:
         lines.append(f"metrics on http://{settings.grpc_host}:{metrics_port}/metrics")
     lines.append(f"Triton at {triton}")

@@ -6,6 +6,7 @@ cardinality: gRPC method and code, model name, a fixed set of error reasons.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
@@ -14,6 +15,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
+    from prelabel.gateway.catalog import ModelCatalog
     from prelabel.queue.contract import JobQueue
 
 REGISTRY = CollectorRegistry()
@@ -31,6 +33,10 @@ RPC_LATENCY = Histogram(
     registry=REGISTRY,
 )
 IN_FLIGHT = Gauge("prelabel_grpc_in_flight_requests", "gRPC calls being handled now.", ["method"], registry=REGISTRY)
+OPEN_STREAMS = Gauge(
+    "prelabel_grpc_open_streams", "Streaming gRPC calls open now (PredictStream, WatchJob...).", ["method"],
+    registry=REGISTRY,
+)  # fmt: skip
 IMAGES = Counter("prelabel_images_predicted", "Images that got a prediction, by model.", ["model"], registry=REGISTRY)
 IMAGE_BYTES = Counter("prelabel_image_bytes", "Encoded image bytes received for prediction.", registry=REGISTRY)
 IMAGE_ERRORS = Counter(
@@ -70,6 +76,15 @@ PUBLISH_LATENCY = Histogram(
     "prelabel_publish_duration_seconds", "Time to publish a version and load it into Triton.",
     buckets=(0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300), registry=REGISTRY,
 )  # fmt: skip
+EPOCHS = Counter("prelabel_training_epochs", "Training epochs completed by this trainer.", registry=REGISTRY)
+TRAINING_SPEED = Gauge(
+    "prelabel_training_images_per_second", "Training images per second in the last epoch.", registry=REGISTRY
+)
+TRAINER_BUSY = Gauge("prelabel_trainer_busy", "1 while this trainer runs a job.", registry=REGISTRY)
+LAST_PROGRESS = Gauge(
+    "prelabel_trainer_last_progress_timestamp_seconds", "When this trainer last reported progress (Unix time).",
+    registry=REGISTRY,
+)  # fmt: skip
 VALIDATION_ACCURACY = Gauge(
     "prelabel_last_validation_accuracy", "Validation accuracy of the last model this trainer published.",
     registry=REGISTRY,
@@ -77,32 +92,64 @@ VALIDATION_ACCURACY = Gauge(
 
 
 class QueueCollector(Collector):
-    """Jobs per state, read from the queue at scrape time (so every gateway reports the shared queue)."""
+    """The shared queue, read at scrape time, so that every gateway reports it (for alerts and KEDA)."""
 
     def __init__(self, queue: JobQueue) -> None:
         self.queue = queue
 
     def collect(self) -> Iterator[Metric]:
         jobs = GaugeMetricFamily("prelabel_queue_jobs", "Fine-tune jobs in the queue, by state.", labels=["state"])
+        age = GaugeMetricFamily(
+            "prelabel_queue_oldest_queued_age_seconds", "How long the oldest QUEUED job has waited (0: none)."
+        )
+        expired = GaugeMetricFamily(
+            "prelabel_queue_expired_leases", "RUNNING jobs whose worker stopped heartbeating and that await a claim."
+        )
         try:
-            depth = self.queue.depth()
+            stats = self.queue.stats(time.time())
         except Exception:  # an unreachable queue must not break the scrape of everything else
-            depth = {}
-        for state, count in depth.items():
+            return
+        for state, count in stats.depth.items():
             jobs.add_metric([state], count)
-        yield jobs
+        age.add_metric([], stats.oldest_queued_age_s)
+        expired.add_metric([], stats.expired_leases)
+        yield from (jobs, age, expired)
 
 
-_queue_collector: QueueCollector | None = None
+class ModelCollector(Collector):
+    """Versions per model and the newest ready version's auto-accept coverage, from the gateway's catalog."""
+
+    def __init__(self, catalog: ModelCatalog) -> None:
+        self.catalog = catalog
+
+    def collect(self) -> Iterator[Metric]:
+        versions = GaugeMetricFamily("prelabel_model_versions", "Versions in the model repository.", labels=["model"])
+        ready = GaugeMetricFamily("prelabel_model_ready_versions", "Versions ready in Triton.", labels=["model"])
+        coverage = GaugeMetricFamily(
+            "prelabel_model_auto_accept_coverage",
+            "Share of validation images auto-accepted by the newest ready version at its target precision.",
+            labels=["model"],
+        )
+        for name, numbers in sorted(self.catalog.versions.items()):
+            versions.add_metric([name], len(numbers))
+            live = self.catalog.ready.get(name, set())
+            ready.add_metric([name], len(live))
+            if live:
+                value = self.catalog.card(name, max(live)).metrics.get("auto_accept_coverage")
+                if value is not None:
+                    coverage.add_metric([name], value)
+        yield from (versions, ready, coverage)
 
 
-def watch_queue(queue: JobQueue) -> None:
-    """Report ``queue``'s depth from now on (replacing any queue reported before)."""
-    global _queue_collector
-    if _queue_collector is not None:
-        REGISTRY.unregister(_queue_collector)
-    _queue_collector = QueueCollector(queue)
-    REGISTRY.register(_queue_collector)
+_collectors: dict[str, Collector] = {}
+
+
+def watch(name: str, collector: Collector) -> None:
+    """Register ``collector`` under ``name``, replacing the one registered before (tests start many gateways)."""
+    if name in _collectors:
+        REGISTRY.unregister(_collectors[name])
+    _collectors[name] = collector
+    REGISTRY.register(collector)
 
 
 def serve_metrics(port: int, host: str = "0.0.0.0") -> int:

@@ -35,6 +35,12 @@ class Settings:
     metrics_port: int = 9400  # 0 picks a free port; -1 disables /metrics
     grace_period_s: float = 10.0  # in-flight calls get this long to finish on SIGTERM
 
+    # Security: TLS when cert and key are set, mutual TLS with a client CA; bearer tokens from a file
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    tls_client_ca_file: Path | None = None
+    auth_tokens_file: Path | None = None  # lines of "TOKEN SCOPE" (read | write); re-read when it changes
+
     # Limits (RESOURCE_EXHAUSTED / INVALID_ARGUMENT with a message naming the setting)
     max_images_per_request: int = 256
     max_image_bytes: int = 20 * MiB

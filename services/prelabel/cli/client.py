@@ -6,15 +6,19 @@ import argparse
 import contextlib
 import json
 import sys
+import urllib.request
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tqdm import tqdm
 
 from prelabel.errors import InvalidArgument, Unavailable
 from prelabel.preprocessing import IMAGE_SUFFIXES
+from prelabel.settings import Settings
 from prelabel.v1 import prelabel_pb2 as pb
 from prelabel.v1 import prelabel_pb2_grpc as rpc
 
@@ -33,17 +37,75 @@ def image_files(paths: list[Path]) -> list[Path]:
     return found
 
 
+@dataclass(frozen=True)
+class Credentials:
+    """How a client proves itself: a bearer token, TLS (a CA to trust), mutual TLS (its own certificate)."""
+
+    token: str = ""
+    ca_cert: Path | None = None
+    client_cert: Path | None = None
+    client_key: Path | None = None
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> Credentials:
+        return cls(args.token or "", args.ca_cert, args.client_cert, args.client_key)
+
+    @property
+    def tls(self) -> bool:
+        return bool(self.ca_cert or self.client_cert)
+
+
+_INTERCEPTORS: tuple[Any, ...] = (
+    grpc.UnaryUnaryClientInterceptor,
+    grpc.UnaryStreamClientInterceptor,
+    grpc.StreamUnaryClientInterceptor,
+    grpc.StreamStreamClientInterceptor,
+)
+
+
+class _BearerToken(*_INTERCEPTORS):  # type: ignore[misc]
+    """Adds ``authorization: Bearer TOKEN`` to every call (works on plaintext channels too, unlike call credentials)."""
+
+    def __init__(self, token: str) -> None:
+        self.header = ("authorization", f"Bearer {token}")
+
+    def _details(self, details: Any) -> Any:
+        return details._replace(metadata=[*(details.metadata or []), self.header])
+
+    def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        return continuation(self._details(details), request)
+
+    intercept_unary_stream = intercept_unary_unary
+
+    def intercept_stream_unary(self, continuation: Any, details: Any, requests: Any) -> Any:
+        return continuation(self._details(details), requests)
+
+    intercept_stream_stream = intercept_stream_unary
+
+
 @contextlib.contextmanager
-def channel(server: str, timeout: float) -> Iterator[grpc.Channel]:
-    with grpc.insecure_channel(
-        server,
-        options=[("grpc.max_receive_message_length", MAX_MESSAGE), ("grpc.max_send_message_length", MAX_MESSAGE)],
-    ) as ch:
+def channel(server: str, timeout: float, credentials: Credentials | None = None) -> Iterator[grpc.Channel]:
+    creds = credentials or Credentials()
+    options = [("grpc.max_receive_message_length", MAX_MESSAGE), ("grpc.max_send_message_length", MAX_MESSAGE)]
+    if creds.tls:
+        ssl = grpc.ssl_channel_credentials(
+            root_certificates=creds.ca_cert.read_bytes() if creds.ca_cert else None,
+            private_key=creds.client_key.read_bytes() if creds.client_key else None,
+            certificate_chain=creds.client_cert.read_bytes() if creds.client_cert else None,
+        )
+        raw = grpc.secure_channel(server, ssl, options=options)
+    else:
+        raw = grpc.insecure_channel(server, options=options)
+    with raw:
         try:
-            grpc.channel_ready_future(ch).result(timeout=min(timeout, 30))
+            grpc.channel_ready_future(raw).result(timeout=min(timeout, 30))
         except grpc.FutureTimeoutError:
-            raise Unavailable(f"no Prelabel gateway answers at {server}; start one with `prelabel serve`") from None
-        yield ch
+            raise Unavailable(
+                f"no Prelabel gateway answers at {server}"
+                + (" over TLS (check --ca-cert and --client-cert)" if creds.tls else "")
+                + "; start one with `prelabel serve`"
+            ) from None
+        yield grpc.intercept_channel(raw, _BearerToken(creds.token)) if creds.token else raw
 
 
 def _fail(exc: grpc.RpcError) -> int:
@@ -105,7 +167,7 @@ def predict(server: str, args: argparse.Namespace) -> int:
     failed = 0
     try:
         with (
-            channel(server, args.timeout) as ch,
+            channel(server, args.timeout, Credentials.from_args(args)) as ch,
             tqdm(total=len(files), unit="img", disable=args.no_progress, file=sys.stderr) as bar,
         ):
             stub = rpc.PredictionServiceStub(ch)
@@ -128,10 +190,10 @@ def predict(server: str, args: argparse.Namespace) -> int:
     return 0
 
 
-def models(server: str, timeout: float) -> int:
+def models(server: str, args: argparse.Namespace) -> int:
     try:
-        with channel(server, timeout) as ch:
-            response = rpc.ModelServiceStub(ch).ListModels(pb.ListModelsRequest(), timeout=timeout)
+        with channel(server, args.timeout, Credentials.from_args(args)) as ch:
+            response = rpc.ModelServiceStub(ch).ListModels(pb.ListModelsRequest(), timeout=args.timeout)
     except grpc.RpcError as exc:
         return _fail(exc)
     print(f"{'MODEL':<24} {'VERSION':>7} {'READY':<5} {'ARCH':<20} {'CLASSES':>7}  BASE")
@@ -145,3 +207,23 @@ def models(server: str, timeout: float) -> int:
 
 def _code_name(code: int) -> str:
     return next((c.name for c in grpc.StatusCode if c.value[0] == code), str(code))
+
+
+def health(server: str, settings: Settings, args: argparse.Namespace) -> int:
+    """0 when the gateway's grpc.health.v1 says SERVING (or, with --metrics, when /metrics answers)."""
+    if args.metrics:
+        url = f"http://127.0.0.1:{settings.metrics_port}/metrics"
+        try:
+            with urllib.request.urlopen(url, timeout=args.timeout) as response:
+                return 0 if response.status == 200 else 1
+        except OSError as exc:
+            print(f"prelabel: {url} does not answer ({exc})", file=sys.stderr)
+            return 1
+    try:
+        with channel(server, args.timeout, Credentials.from_args(args)) as ch:
+            status = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=args.timeout).status
+    except grpc.RpcError as exc:
+        return _fail(exc)
+    name = health_pb2.HealthCheckResponse.ServingStatus.Name(status)
+    print(name)
+    return 0 if status == health_pb2.HealthCheckResponse.SERVING else 1

@@ -14,7 +14,7 @@ from typing import Any
 import grpc
 from tqdm import tqdm
 
-from prelabel.cli.client import _fail, batched, channel
+from prelabel.cli.client import Credentials, _fail, batched, channel
 from prelabel.datasets.folder import labelled_files
 from prelabel.v1 import prelabel_pb2 as pb
 from prelabel.v1 import prelabel_pb2_grpc as rpc
@@ -68,7 +68,7 @@ def finetune(server: str, args: argparse.Namespace) -> int:
     files = labelled_files(args.folder)
     dataset = args.dataset or args.name
     try:
-        with channel(server, args.timeout) as ch:
+        with channel(server, args.timeout, Credentials.from_args(args)) as ch:
             info = _upload(rpc.DatasetServiceStub(ch), dataset, files, args.no_progress)
             counts = ", ".join(f"{c} {n}" for c, n in sorted(info.class_counts.items()))
             print(f"dataset {info.name!r}: {info.example_count} images ({counts})", file=sys.stderr)
@@ -116,7 +116,7 @@ def _report(job: pb.Job) -> int:
 
 def jobs(server: str, args: argparse.Namespace) -> int:
     try:
-        with channel(server, args.timeout) as ch:
+        with channel(server, args.timeout, Credentials.from_args(args)) as ch:
             stub = rpc.JobServiceStub(ch)
             if args.cancel:
                 job = stub.CancelJob(pb.CancelJobRequest(id=args.cancel), timeout=args.timeout)

@@ -6,6 +6,7 @@ Flags override the ``PRELABEL_*`` environment variables of :class:`prelabel.sett
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -32,6 +33,13 @@ def _client_flags(parser: argparse.ArgumentParser) -> None:
         "--server", default=None, help="gateway address HOST:PORT (default 127.0.0.1:PRELABEL_GRPC_PORT)"
     )
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for the gateway and each call")
+    env = os.environ.get
+    parser.add_argument("--token", default=env("PRELABEL_TOKEN"), help="bearer token (PRELABEL_TOKEN)")
+    parser.add_argument(
+        "--ca-cert", type=Path, default=env("PRELABEL_CA_CERT"), help="CA to trust: use TLS (PRELABEL_CA_CERT)"
+    )
+    parser.add_argument("--client-cert", type=Path, default=env("PRELABEL_CLIENT_CERT"), help="for mutual TLS")
+    parser.add_argument("--client-key", type=Path, default=env("PRELABEL_CLIENT_KEY"), help="for mutual TLS")
 
 
 def _training_flags(parser: argparse.ArgumentParser) -> None:
@@ -120,6 +128,14 @@ def parser() -> argparse.ArgumentParser:
     jobs.add_argument("--cancel", metavar="JOB_ID", help="cancel this job instead")
     _client_flags(jobs)
 
+    health = commands.add_parser("health", help="exit 0 if the local gateway is SERVING (container health checks)")
+    health.add_argument("--metrics", action="store_true", help="check that the metrics port answers instead (trainers)")
+    _client_flags(health)
+    health.set_defaults(timeout=5.0)
+
+    init = commands.add_parser("init", help="put the default model into the model repository (what serve does first)")
+    _service_flags(init)
+
     models = commands.add_parser("models", help="list models and their versions")
     _client_flags(models)
     return root
@@ -138,6 +154,14 @@ def main(argv: list[str] | None = None) -> int:
             from prelabel.training import worker
 
             return worker.main(Settings.from_env(**options))
+        if args.command == "init":
+            from prelabel.models.defaults import ensure_default_model
+            from prelabel.triton.repository import repository_for
+
+            settings = Settings.from_env(data_dir=args.data_dir, model_repository=args.model_repository)
+            ensure_default_model(repository_for(settings), settings.default_model, settings.base_weights)
+            print(f"{settings.default_model} is in {settings.repository}")
+            return 0
         if args.command == "train":
             from prelabel.cli import train
 
@@ -148,11 +172,13 @@ def main(argv: list[str] | None = None) -> int:
         server = args.server or f"127.0.0.1:{settings.grpc_port}"
         if args.command == "predict":
             return client.predict(server, args)
+        if args.command == "health":
+            return client.health(server, settings, args)
         if args.command in ("finetune", "jobs"):
             from prelabel.cli import jobs
 
             return jobs.finetune(server, args) if args.command == "finetune" else jobs.jobs(server, args)
-        return client.models(server, args.timeout)
+        return client.models(server, args)
     except PrelabelError as exc:
         print(f"prelabel: {exc.message}", file=sys.stderr)
         return 2

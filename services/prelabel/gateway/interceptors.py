@@ -25,11 +25,14 @@ log = logging.getLogger("prelabel.gateway")
 class _Call:
     """Bookkeeping of one RPC: in-flight gauge, latency, and the status code it ended with."""
 
-    def __init__(self, method: str) -> None:
+    def __init__(self, method: str, streaming: bool) -> None:
         self.method = method
+        self.streaming = streaming
         self.started = time.perf_counter()
         self.code = grpc.StatusCode.OK
         metrics.IN_FLIGHT.labels(method).inc()
+        if streaming:
+            metrics.OPEN_STREAMS.labels(method).inc()
 
     async def fail(self, exc: BaseException, context: aio.ServicerContext) -> None:
         if isinstance(exc, PrelabelError):
@@ -52,6 +55,8 @@ class _Call:
 
     def done(self) -> None:
         metrics.IN_FLIGHT.labels(self.method).dec()
+        if self.streaming:
+            metrics.OPEN_STREAMS.labels(self.method).dec()
         metrics.RPCS.labels(self.method, self.code.name).inc()
         metrics.RPC_LATENCY.labels(self.method).observe(time.perf_counter() - self.started)
 
@@ -77,7 +82,7 @@ class ErrorsAndMetrics(aio.ServerInterceptor):  # type: ignore[misc]
             behaviour = handler.unary_unary or handler.stream_unary
 
             async def unary(request: Any, context: aio.ServicerContext) -> Any:
-                call = _Call(method)
+                call = _Call(method, streaming=handler.stream_unary is not None)
                 try:
                     return await behaviour(request, context)
                 except BaseException as exc:
@@ -93,7 +98,7 @@ class ErrorsAndMetrics(aio.ServerInterceptor):  # type: ignore[misc]
         behaviour = handler.unary_stream or handler.stream_stream
 
         async def streaming(request: Any, context: aio.ServicerContext) -> AsyncIterator[Any]:
-            call = _Call(method)
+            call = _Call(method, streaming=True)
             try:
                 async for response in behaviour(request, context):
                     yield response

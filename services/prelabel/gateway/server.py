@@ -22,6 +22,7 @@ from prelabel.gateway.catalog import ModelCatalog
 from prelabel.gateway.interceptors import ErrorsAndMetrics
 from prelabel.gateway.jobs import Datasets, Jobs
 from prelabel.gateway.predict import Predictor
+from prelabel.gateway.security import BearerTokens, Tokens, server_credentials
 from prelabel.gateway.servicers import DatasetServicer, JobServicer, ModelServicer, PredictionServicer
 from prelabel.queue import open_queue
 from prelabel.settings import Settings
@@ -76,8 +77,12 @@ async def _watch_triton(catalog: ModelCatalog, health_servicer: health.aio.Healt
 
 async def start_gateway(settings: Settings, triton_url: str, refresh_period_s: float = 1.0) -> Gateway:
     catalog = ModelCatalog(repository_for(settings), TritonClient(triton_url), settings.default_model)
+    credentials = server_credentials(settings)
+    interceptors: list[aio.ServerInterceptor] = [ErrorsAndMetrics()]
+    if settings.auth_tokens_file is not None:
+        interceptors.append(BearerTokens(Tokens(settings.auth_tokens_file)))
     server = aio.server(
-        interceptors=[ErrorsAndMetrics()],
+        interceptors=interceptors,
         options=[
             ("grpc.max_receive_message_length", settings.max_message_bytes),
             ("grpc.max_send_message_length", settings.max_message_bytes),
@@ -87,7 +92,8 @@ async def start_gateway(settings: Settings, triton_url: str, refresh_period_s: f
     rpc.add_ModelServiceServicer_to_server(ModelServicer(catalog), server)
     store = dataset_store(settings)
     queue = open_queue(settings.queue)
-    metrics.watch_queue(queue)
+    metrics.watch("queue", metrics.QueueCollector(queue))
+    metrics.watch("models", metrics.ModelCollector(catalog))
     rpc.add_DatasetServiceServicer_to_server(DatasetServicer(Datasets(store)), server)
     rpc.add_JobServiceServicer_to_server(JobServicer(Jobs(settings, queue, store, catalog.repository)), server)
     health_servicer = health.aio.HealthServicer()
@@ -97,7 +103,8 @@ async def start_gateway(settings: Settings, triton_url: str, refresh_period_s: f
     reflection.enable_server_reflection(
         (*SERVICES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
     )
-    port = server.add_insecure_port(f"{settings.grpc_host}:{settings.grpc_port}")
+    address = f"{settings.grpc_host}:{settings.grpc_port}"
+    port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
     await server.start()
     watcher = asyncio.create_task(_watch_triton(catalog, health_servicer, refresh_period_s), name="triton-watch")
     return Gateway(server, port, catalog, health_servicer, watcher)

@@ -59,6 +59,13 @@ class Job:
         return cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})
 
 
+@dataclass
+class QueueStats:
+    depth: dict[str, int]  # jobs per state
+    oldest_queued_age_s: float  # 0 when nothing waits
+    expired_leases: int  # RUNNING jobs whose worker died, not yet claimed again
+
+
 class JobQueue(ABC):
     @abstractmethod
     def submit(self, spec: dict[str, Any], request_id: str = "", max_attempts: int = 3) -> Job: ...
@@ -96,8 +103,12 @@ class JobQueue(ABC):
         return self._update(job_id, lambda job: stop(job, time.time()))[0]
 
     @abstractmethod
+    def stats(self, now: float) -> QueueStats:
+        """Depth, backlog age and dead workers' jobs, for autoscaling and alerts."""
+
     def depth(self) -> dict[str, int]:
-        """Jobs per state, for autoscaling and metrics."""
+        """Jobs per state."""
+        return self.stats(time.time()).depth
 
 
 # The transitions, shared by every backend: each runs inside one atomic read-modify-write.

@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 import redis
 
 from prelabel.errors import InvalidArgument, NotFound, Unavailable
-from prelabel.queue.contract import QUEUED, RUNNING, STATES, Job, JobQueue, take
+from prelabel.queue.contract import QUEUED, RUNNING, STATES, Job, JobQueue, QueueStats, take
 
 T = TypeVar("T")
 P = "prelabel:"
@@ -121,6 +121,15 @@ class RedisQueue(JobQueue):
     def _claimable(job: Job, now: float) -> bool:
         return job.state == QUEUED or (job.state == RUNNING and job.lease_expires_at < now)
 
-    def depth(self) -> dict[str, int]:
-        counts = self._call(lambda: [self.redis.zcard(f"{P}state:{s}") for s in STATES])
-        return {s: int(n) for s, n in zip(STATES, counts, strict=True)}
+    def stats(self, now: float) -> QueueStats:
+        def read() -> list[Any]:
+            pipe = self.redis.pipeline(transaction=False)
+            for state in STATES:
+                pipe.zcard(f"{P}state:{state}")
+            pipe.zrange(f"{P}state:{QUEUED}", 0, 0, withscores=True)
+            pipe.zcount(f"{P}leases", "-inf", f"({now}")
+            return list(pipe.execute())
+
+        *counts, oldest, expired = self._call(read)
+        age = max(0.0, now - oldest[0][1]) if oldest else 0.0
+        return QueueStats({s: int(n) for s, n in zip(STATES, counts, strict=True)}, age, int(expired))

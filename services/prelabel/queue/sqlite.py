@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from prelabel.errors import InvalidArgument, NotFound, Unavailable
-from prelabel.queue.contract import QUEUED, RUNNING, STATES, Job, JobQueue, take
+from prelabel.queue.contract import QUEUED, RUNNING, STATES, Job, JobQueue, QueueStats, take
 
 T = TypeVar("T")
 
@@ -126,7 +126,12 @@ class SQLiteQueue(JobQueue):
                     return job
         return None
 
-    def depth(self) -> dict[str, int]:
+    def stats(self, now: float) -> QueueStats:
         with self._transaction() as db:
             counts = dict(db.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state").fetchall())
-        return {s: int(counts.get(s, 0)) for s in STATES}
+            oldest = db.execute("SELECT MIN(created_at) FROM jobs WHERE state = ?", (QUEUED,)).fetchone()[0]
+            expired = db.execute(
+                "SELECT COUNT(*) FROM jobs WHERE state = ? AND lease_expires_at < ?", (RUNNING, now)
+            ).fetchone()[0]
+        return QueueStats({s: int(counts.get(s, 0)) for s in STATES}, max(0.0, now - oldest) if oldest else 0.0,
+                          int(expired))  # fmt: skip

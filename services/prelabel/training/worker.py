@@ -115,6 +115,8 @@ class Trainer:
         started = time.monotonic()
         heartbeat = Heartbeat(self.queue, job, self.name, self.settings.job_lease_s)
         heartbeat.start()
+        metrics.TRAINER_BUSY.set(1)
+        metrics.LAST_PROGRESS.set(time.time())
         try:
             result, job_metrics = self._execute(job, heartbeat)
         except engine.Stopped:
@@ -130,6 +132,7 @@ class Trainer:
             return
         finally:
             heartbeat.stop()
+            metrics.TRAINER_BUSY.set(0)
         strategy = result["chosen_strategy"]
         metrics.JOB_DURATION.labels(strategy).observe(time.monotonic() - started)
         self._end(job, SUCCEEDED, "", result, job_metrics)
@@ -150,7 +153,16 @@ class Trainer:
             device=self.settings.trainer_device,
         )
 
+        trained = round(len(examples) * (1 - config.val_fraction))  # the training split
+        last = time.monotonic()
+
         def progress(p: engine.Progress) -> None:
+            nonlocal last
+            now = time.monotonic()
+            metrics.EPOCHS.inc()
+            metrics.TRAINING_SPEED.set(trained / max(now - last, 1e-6))
+            metrics.LAST_PROGRESS.set(time.time())
+            last = now
             heartbeat.report(0.05 + 0.85 * p.fraction, p.message)
 
         def should_stop() -> bool:
@@ -239,7 +251,7 @@ def main(settings: Settings) -> int:
         signal.signal(sig, lambda *_: trainer.stopping.set())
     if settings.metrics_port >= 0:
         port = metrics.serve_metrics(settings.metrics_port)
-        log.info("trainer metrics on port %d", port)
+        print(f"trainer {trainer.name}: metrics on http://{settings.grpc_host}:{port}/metrics", flush=True)
     trainer.run()
     log.info("trainer %s stopped", trainer.name)
     return 0

@@ -54,8 +54,13 @@ class TritonPaths:
 
     @classmethod
     def from_wheel(cls) -> TritonPaths:
-        import pytriton
-
+        try:
+            import pytriton
+        except ImportError:
+            raise Unavailable(
+                "the embedded Triton comes with nvidia-pytriton, which is not installed: "
+                "pip install 'prelabel[embedded]' (scripts/setup.sh does), or set PRELABEL_TRITON_URL to a Triton"
+            ) from None
         return cls(Path(pytriton.__file__).parent / "tritonserver")
 
     @property

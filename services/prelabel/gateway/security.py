@@ -1,0 +1,161 @@
+"""Who may call the gateway: TLS or mutual TLS from certificate files, and bearer tokens.
+
+Tokens live in a file of ``TOKEN SCOPE`` lines (``read`` or ``write``; ``#`` starts a comment),
+typically a mounted Kubernetes Secret; it is re-read when it changes, so tokens rotate without a
+restart. Every RPC except ``grpc.health.v1`` (probes carry no credentials) needs
+``authorization: Bearer TOKEN``; a ``read`` token may not change data.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import os
+import threading
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import grpc
+from grpc import aio
+
+from prelabel.errors import InvalidArgument, PermissionDenied, PrelabelError, Unauthenticated
+from prelabel.settings import Settings
+
+log = logging.getLogger("prelabel.gateway")
+
+SCOPES = ("read", "write")
+WRITE_METHODS = frozenset({"UploadExamples", "CreateFineTuneJob", "CancelJob"})
+OPEN_PREFIXES = ("/grpc.health.v1.Health/",)
+
+
+def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
+    """TLS credentials from the settings' files, or None for plaintext."""
+    if settings.tls_cert_file is None and settings.tls_key_file is None:
+        if settings.tls_client_ca_file is not None:
+            raise InvalidArgument("PRELABEL_TLS_CLIENT_CA_FILE needs PRELABEL_TLS_CERT_FILE and PRELABEL_TLS_KEY_FILE")
+        return None
+    if settings.tls_cert_file is None or settings.tls_key_file is None:
+        raise InvalidArgument("set both PRELABEL_TLS_CERT_FILE and PRELABEL_TLS_KEY_FILE to serve TLS")
+    cert, key = _read(settings.tls_cert_file, "TLS_CERT_FILE"), _read(settings.tls_key_file, "TLS_KEY_FILE")
+    ca = _read(settings.tls_client_ca_file, "TLS_CLIENT_CA_FILE") if settings.tls_client_ca_file else None
+    return grpc.ssl_server_credentials([(key, cert)], root_certificates=ca, require_client_auth=ca is not None)
+
+
+def _read(path: Path, setting: str) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise InvalidArgument(f"PRELABEL_{setting}={path} cannot be read ({exc.strerror}); fix the path") from None
+
+
+class Tokens:
+    """The token file, re-read when its modification time changes."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._lock = threading.Lock()
+        self._stamp: tuple[float, int] | None = None
+        self._scopes: dict[str, str] = {}
+        self._load(strict=True)
+
+    def scope(self, token: str) -> str | None:
+        self._load(strict=False)
+        found = None
+        for known, scope in self._scopes.items():  # compare with every token, in constant time each
+            if hmac.compare_digest(known.encode(), token.encode()):
+                found = scope
+        return found
+
+    def _load(self, strict: bool) -> None:
+        try:
+            stat = os.stat(self.path)
+            stamp = (stat.st_mtime, stat.st_size)
+            if stamp == self._stamp:
+                return
+            scopes = _parse(self.path.read_text())
+        except (OSError, InvalidArgument) as exc:
+            message = exc.message if isinstance(exc, PrelabelError) else f"cannot be read ({exc})"
+            if strict:
+                raise InvalidArgument(f"PRELABEL_AUTH_TOKENS_FILE={self.path}: {message}") from None
+            log.error("token file %s: %s; keeping the previous tokens", self.path, message)
+            return
+        with self._lock:
+            self._stamp, self._scopes = stamp, scopes
+        log.info("loaded %d bearer token(s) from %s", len(scopes), self.path)
+
+
+def _parse(text: str) -> dict[str, str]:
+    scopes: dict[str, str] = {}
+    for number, raw in enumerate(text.splitlines(), 1):
+        line = raw.split("#", 1)[0].strip()
+        if not line:
+            continue
+        token, _, scope = line.partition(" ")
+        scope = scope.strip() or "read"
+        if scope not in SCOPES or len(token) < 16:
+            raise InvalidArgument(f"line {number}: expected 'TOKEN SCOPE' with a token of 16+ characters and a scope "
+                                  f"of {' or '.join(SCOPES)}")  # fmt: skip
+        scopes[token] = scope
+    if not scopes:
+        raise InvalidArgument("no tokens in the file; add 'TOKEN SCOPE' lines")
+    return scopes
+
+
+class BearerTokens(aio.ServerInterceptor):  # type: ignore[misc]
+    """Rejects calls without a known token (UNAUTHENTICATED) or with too small a scope (PERMISSION_DENIED)."""
+
+    def __init__(self, tokens: Tokens) -> None:
+        self.tokens = tokens
+
+    def check(self, method: str, metadata: dict[str, str]) -> PrelabelError | None:
+        header = metadata.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not token:
+            return Unauthenticated(
+                "this gateway needs a bearer token: send the metadata 'authorization: Bearer TOKEN' "
+                "(the prelabel CLI: --token or PRELABEL_TOKEN)"
+            )
+        scope = self.tokens.scope(token.strip())
+        if scope is None:
+            return Unauthenticated("the bearer token is not recognised; ask the operator for a valid token")
+        name = method.rsplit("/", 1)[-1]
+        if name in WRITE_METHODS and scope != "write":
+            return PermissionDenied(
+                f"{name} changes data and needs a token with the 'write' scope; this one is '{scope}'"
+            )
+        return None
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(details)
+        if handler is None or details.method.startswith(OPEN_PREFIXES):
+            return handler
+        problem = self.check(details.method, {k: v for k, v in details.invocation_metadata or () if isinstance(v, str)})
+        return handler if problem is None else _rejecting(handler, problem)
+
+
+def _rejecting(handler: grpc.RpcMethodHandler, problem: PrelabelError) -> grpc.RpcMethodHandler:
+    """A handler of the same shape as ``handler`` that answers ``problem``'s status and does nothing else."""
+    kwargs: dict[str, Any] = {
+        "request_deserializer": handler.request_deserializer,
+        "response_serializer": handler.response_serializer,
+    }
+
+    async def unary(request: Any, context: aio.ServicerContext) -> Any:
+        await context.abort(problem.code, problem.message)
+
+    async def streaming(request: Any, context: aio.ServicerContext) -> AsyncIterator[Any]:
+        await context.abort(problem.code, problem.message)
+        yield  # pragma: no cover - makes this an async generator
+
+    if handler.unary_unary:
+        return grpc.unary_unary_rpc_method_handler(unary, **kwargs)
+    if handler.stream_unary:
+        return grpc.stream_unary_rpc_method_handler(unary, **kwargs)
+    if handler.unary_stream:
+        return grpc.unary_stream_rpc_method_handler(streaming, **kwargs)
+    return grpc.stream_stream_rpc_method_handler(streaming, **kwargs)
