@@ -101,7 +101,7 @@ def test_kill_9_mid_training_resumes_from_checkpoints_and_publishes_once(tmp_pat
         final.stop()
     assert done.state == SUCCEEDED, done.error
     assert done.attempts == 4 and done.result["model_version"] == "1"
-    assert 6 <= done.metrics["resumed_from_epoch"] <= 40  # resumed, not restarted from zero
+    assert 5 <= done.metrics["resumed_from_epoch"] <= 40  # resumed, not restarted from zero
     repository = repository_for(Settings(data_dir=tmp_path))
     assert repository.versions("crash") == [1] and published_by(repository, "crash", job.id) == 1
     assert not (tmp_path / "checkpoints" / job.id).exists()
