@@ -30,9 +30,9 @@ def test_env_table_lists_every_setting():
 
 
 def test_configuration_doc_names_every_setting():
-    text = (Path(__file__).resolve().parent.parent / "docs" / "configuration.md").read_text()
+    text = (Path(__file__).resolve().parent.parent / "docs" / "operations.md").read_text()
     missing = [var for var, _ in Settings.env_table() if f"`{var}`" not in text]
-    assert not missing, f"docs/configuration.md lacks {missing}"
+    assert not missing, f"docs/operations.md lacks {missing}"
 
 
 def test_cli_batches_by_count_and_bytes(tmp_path):

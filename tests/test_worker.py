@@ -127,3 +127,14 @@ def test_a_resumed_run_equals_an_uninterrupted_one(trainer, tmp_path):
     assert resumed.metrics["resumed_from_epoch"] == 2 and resumed.metrics["epochs"] == 4
     for a, b in zip(whole.model.state_dict().values(), resumed.model.state_dict().values(), strict=True):
         assert torch.allclose(a.float(), b.float(), atol=1e-5)
+
+
+def test_a_job_id_that_is_not_one_of_ours_never_becomes_a_path(trainer, tmp_path, caplog):
+    victim = tmp_path / "victim"  # what checkpoints/../victim would reach
+    victim.mkdir()
+    (victim / "keep.txt").write_text("precious")
+    forged = trainer.queue.get(trainer.queue.submit(spec()).id)
+    forged.id = "../victim"  # as if someone had written it into the queue by hand
+    trainer.run_job(forged)
+    assert sorted(p.name for p in victim.iterdir()) == ["keep.txt"]
+    assert "refusing job '../victim'" in caplog.text

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeVar
 
@@ -19,7 +18,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from prelabel import metrics
 from prelabel.datasets.store import MIN_PER_CLASS, DatasetInfo, DatasetStore
 from prelabel.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
-from prelabel.queue.contract import TERMINAL, Job, JobQueue
+from prelabel.queue.contract import TERMINAL, Job, JobQueue, check_job_id
 from prelabel.settings import Settings
 from prelabel.triton.repository import ModelRepository, validate_name
 from prelabel.v1 import prelabel_pb2 as pb
@@ -27,7 +26,6 @@ from prelabel.v1 import prelabel_pb2 as pb
 log = logging.getLogger("prelabel.gateway")
 T = TypeVar("T")
 
-JOB_ID = re.compile(r"^[0-9a-f]{32}$")
 MAX_REQUEST_ID = 200
 MAX_EPOCHS = 1000
 MAX_PAGE_SIZE = 1000
@@ -176,7 +174,7 @@ class Jobs:
         }
 
     async def get(self, job_id: str) -> pb.Job:
-        return job_pb(await self._call(self.queue.get, _job_id(job_id)))
+        return job_pb(await self._call(self.queue.get, check_job_id(job_id)))
 
     async def list(self, request: pb.ListJobsRequest) -> pb.ListJobsResponse:
         state = _enum_name(pb.JobState, request.state, "state")
@@ -188,13 +186,13 @@ class Jobs:
         return pb.ListJobsResponse(jobs=[job_pb(j) for j in jobs], next_page_token=token)
 
     async def cancel(self, job_id: str) -> pb.Job:
-        job = await self._call(self.queue.cancel, _job_id(job_id))
+        job = await self._call(self.queue.cancel, check_job_id(job_id))
         log.info("job %s: cancel requested (%s)", job.id, job.state)
         return job_pb(job)
 
     async def watch(self, job_id: str) -> AsyncIterator[pb.Job]:
         """The job now, then after every change, ending with its terminal state."""
-        job_id, revision = _job_id(job_id), 0
+        job_id, revision = check_job_id(job_id), 0
         while True:
             job = await self._call(self.queue.get, job_id)
             if job.revision != revision:
@@ -213,9 +211,3 @@ def _enum_name(enum: Any, number: int, field: str) -> str:
         raise InvalidArgument(
             f"{field}={number} is not a known value; use one of {', '.join(enum.keys()[1:])}"
         ) from None
-
-
-def _job_id(job_id: str) -> str:
-    if not JOB_ID.match(job_id):
-        raise InvalidArgument(f"job id {job_id[:80]!r} is not valid: job ids are 32 hexadecimal characters")
-    return job_id

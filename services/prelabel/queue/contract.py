@@ -11,6 +11,7 @@ Every change bumps ``revision``, which ``WatchJob`` follows.
 
 from __future__ import annotations
 
+import re
 import time
 import uuid
 from abc import ABC, abstractmethod
@@ -18,12 +19,19 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any, TypeVar
 
-from prelabel.errors import FailedPrecondition
+from prelabel.errors import FailedPrecondition, InvalidArgument
 
 QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = "QUEUED", "RUNNING", "SUCCEEDED", "FAILED", "CANCELLED"
 TERMINAL = (SUCCEEDED, FAILED, CANCELLED)
 STATES = (QUEUED, RUNNING, *TERMINAL)
 T = TypeVar("T")
+JOB_ID = re.compile(r"^[0-9a-f]{32}$")  # Job.new's uuid4().hex; ids also name checkpoint folders
+
+
+def check_job_id(job_id: str) -> str:
+    if not JOB_ID.match(job_id):
+        raise InvalidArgument(f"job id {job_id[:80]!r} is not valid: job ids are 32 hexadecimal characters")
+    return job_id
 
 
 @dataclass

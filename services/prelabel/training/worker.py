@@ -27,7 +27,7 @@ from prelabel import metrics
 from prelabel.datasets.store import dataset_store
 from prelabel.errors import FailedPrecondition, InvalidArgument, NotFound, PrelabelError, Unavailable
 from prelabel.queue import open_queue
-from prelabel.queue.contract import CANCELLED, FAILED, QUEUED, SUCCEEDED, Job, JobQueue
+from prelabel.queue.contract import CANCELLED, FAILED, JOB_ID, QUEUED, SUCCEEDED, Job, JobQueue, check_job_id
 from prelabel.settings import Settings
 from prelabel.training import data, engine
 from prelabel.training.publish import load_into_triton, publish, running_triton
@@ -111,6 +111,12 @@ class Trainer:
             self.run_job(job)
 
     def run_job(self, job: Job) -> None:
+        try:
+            check_job_id(job.id)  # it names the checkpoint folder: never a path from elsewhere
+        except InvalidArgument as exc:
+            log.error("refusing job %r: %s", job.id[:80], exc.message)
+            self._end(job, FAILED, exc.message)
+            return
         log.info("job %s: attempt %d of %d, %s", job.id, job.attempts, job.max_attempts, _describe(job.spec))
         started = time.monotonic()
         heartbeat = Heartbeat(self.queue, job, self.name, self.settings.job_lease_s)
@@ -168,7 +174,7 @@ class Trainer:
         def should_stop() -> bool:
             return self.stopping.is_set() or not heartbeat.go_on
 
-        checkpoint = engine.Checkpoint(self.settings.checkpoints / job.id / "training.pt")
+        checkpoint = engine.Checkpoint(self.settings.checkpoints / check_job_id(job.id) / "training.pt")
         result = engine.train(base, examples, config, progress, checkpoint, should_stop)
         heartbeat.report(0.9, f"publishing a new version of {spec['output_model']!r}")
         published = time.monotonic()
@@ -204,12 +210,12 @@ class Trainer:
              job_metrics: dict[str, float] | None = None) -> None:  # fmt: skip
         try:
             ended = self._settle(lambda: self.queue.finish(job.id, self.name, state, error, result, job_metrics))
-        except FailedPrecondition as exc:  # the lease was lost meanwhile: another worker has the job
+        except (FailedPrecondition, NotFound) as exc:  # the lease was lost meanwhile, or the job is gone
             log.warning("job %s: %s", job.id, exc.message)
             return
         metrics.JOBS_ENDED.labels(ended.state).inc()
         log.info("job %s: %s%s", job.id, ended.state, f" ({ended.error})" if ended.error else "")
-        if ended.state in (SUCCEEDED, FAILED, CANCELLED):
+        if ended.state in (SUCCEEDED, FAILED, CANCELLED) and JOB_ID.match(job.id):
             shutil.rmtree(self.settings.checkpoints / job.id, ignore_errors=True)
 
     def _settle(self, call: Callable[[], T], give_up_s: float = 600.0) -> T:
