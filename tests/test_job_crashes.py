@@ -79,8 +79,9 @@ def wait_until(queue: JobQueue, job_id: str, done: object, timeout: float = 180)
     raise AssertionError(f"job {job_id} did not get there in {timeout}s: {queue.get(job_id)}")
 
 
-def epoch(job: Job) -> int:
-    m = EPOCH.search(job.message) if job.state == RUNNING else None
+def epoch(job: Job | pb.Job) -> int:
+    """The epoch a RUNNING job last reported, else 0."""
+    m = EPOCH.search(job.message) if job.state in (RUNNING, pb.RUNNING) else None
     return int(m.group(1)) if m else 0
 
 
@@ -200,3 +201,27 @@ def test_a_redis_restart_loses_nothing_and_everyone_reconnects(stack, tmp_path):
         worker.stop()
         gw.stop()
         redis.stop()
+
+
+def test_stopping_prelabel_serve_hands_the_running_job_back_and_a_restart_resumes_it(stack, tmp_path):
+    queue_url = f"sqlite:///{tmp_path / 'jobs.db'}"
+
+    def serve() -> Stack:
+        running = Stack.serve(stack.data_dir, "serve", ["--triton-url", stack.triton_url], queue_url=queue_url,
+                              job_lease_s=60, trainer_device="cpu")  # fmt: skip
+        wait_for_health(running.address, timeout=60)
+        return running
+
+    first = serve()
+    job = start_job(first.address, "serve-restart")
+    watch(first.address, job.id, lambda j: epoch(j) >= 3)
+    assert first.stop() == 0  # SIGTERM: the trainer stops at the next batch and hands the job back
+    queue = open_queue(queue_url)
+    handed_back = queue.get(job.id)
+    assert handed_back.state == "QUEUED" and handed_back.attempts == 0 and "shut down" in handed_back.message
+    second = serve()  # a lease of 60 s would make a lost job wait; a handed-back one starts at once
+    try:
+        final = watch(second.address, job.id, lambda j: j.state in DONE)
+    finally:
+        second.stop()
+    assert final.state == pb.SUCCEEDED and final.attempts == 1 and final.metrics["resumed_from_epoch"] >= 3
