@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 import signal
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,7 +25,7 @@ from prelabel.triton.repository import repository_for
 from prelabel.v1 import prelabel_pb2 as pb
 from prelabel.v1 import prelabel_pb2_grpc as rpc
 from tests.conftest import encode, request
-from tests.stack import Process, RedisServer, Stack, environment, wait_for_health
+from tests.stack import PRELABEL, Process, RedisServer, Stack, environment, free_port, wait_for_health
 
 pytestmark = pytest.mark.stack
 EPOCH = re.compile(r"epoch (\d+)/")
@@ -225,3 +226,45 @@ def test_stopping_prelabel_serve_hands_the_running_job_back_and_a_restart_resume
     finally:
         second.stop()
     assert final.state == pb.SUCCEEDED and final.attempts == 1 and final.metrics["resumed_from_epoch"] >= 3
+
+
+def test_prelabel_finetune_rides_out_a_gateway_restart(stack, tmp_path):
+    queue_url = f"sqlite:///{tmp_path / 'jobs.db'}"
+    port = free_port()
+    folder = tmp_path / "labelled"
+    for i, example in enumerate(labelled(8, 11)):
+        (folder / example.label).mkdir(parents=True, exist_ok=True)
+        (folder / example.label / f"{i}.png").write_bytes(example.image.content)
+
+    def start_gateway() -> Stack:
+        gw = Stack.serve(stack.data_dir, "gateway", ["--triton-url", stack.triton_url, "--grpc-port", str(port)],
+                         queue_url=queue_url)  # fmt: skip
+        wait_for_health(gw.address, timeout=60)
+        return gw
+
+    first = start_gateway()
+    worker = trainer(stack.data_dir, queue_url, triton_url=stack.triton_url)
+    cli = subprocess.Popen(
+        [PRELABEL, "finetune", str(folder), "--name", "cli-restart", "--strategy", "from_scratch", "--epochs", "30",
+         "--server", first.address, "--no-progress"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    second = None
+    try:
+        queue = open_queue(queue_url)
+        deadline = time.monotonic() + 120
+        while not any(epoch(j) >= 2 for j in queue.list()[0]):
+            assert time.monotonic() < deadline and cli.poll() is None, cli.communicate()
+            time.sleep(0.2)
+        first.process.stop(signal.SIGKILL)
+        time.sleep(2)  # the CLI sees UNAVAILABLE and keeps retrying
+        second = start_gateway()
+        out, err = cli.communicate(timeout=240)
+        assert cli.returncode == 0, err
+        assert "published cli-restart version 1" in out and "attempts 1" in out
+    finally:
+        cli.kill()
+        worker.stop()
+        for gw in (first, second):
+            if gw is not None:
+                gw.stop()
