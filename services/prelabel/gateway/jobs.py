@@ -1,4 +1,4 @@
-"""Datasets and fine-tune jobs behind the gateway: checks requests, then talks to the store and queue.
+"""Fine-tune jobs behind the gateway: checks requests, then talks to the queue.
 
 Queue and store calls block (SQLite, Redis, files), so they run in worker threads, off the event
 loop. An unreachable queue is UNAVAILABLE for the call, and logged once when it goes away and once
@@ -15,8 +15,7 @@ from typing import Any, TypeVar
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from prelabel import metrics
-from prelabel.datasets.store import MIN_PER_CLASS, DatasetInfo, DatasetStore
+from prelabel.datasets.store import MIN_PER_CLASS, DatasetStore
 from prelabel.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from prelabel.queue.contract import TERMINAL, Job, JobQueue, check_job_id
 from prelabel.settings import Settings
@@ -40,16 +39,6 @@ def timestamp(seconds: float) -> Timestamp | None:
     return ts
 
 
-def dataset_pb(info: DatasetInfo) -> pb.Dataset:
-    return pb.Dataset(
-        name=info.name,
-        example_count=info.example_count,
-        class_counts=info.class_counts,
-        created_at=timestamp(info.created_at),
-        updated_at=timestamp(info.updated_at),
-    )
-
-
 def job_pb(job: Job) -> pb.Job:
     spec, result = job.spec, job.result
     return pb.Job(
@@ -71,39 +60,6 @@ def job_pb(job: Job) -> pb.Job:
         started_at=timestamp(job.started_at),
         finished_at=timestamp(job.finished_at),
     )
-
-
-class Datasets:
-    def __init__(self, store: DatasetStore) -> None:
-        self.store = store
-
-    async def upload(self, requests: AsyncIterator[pb.UploadExamplesRequest]) -> pb.Dataset:
-        upload = None
-        async for request in requests:
-            if upload is None:
-                if not request.dataset:
-                    raise InvalidArgument("the first UploadExamplesRequest must name the dataset")
-                upload = self.store.upload(request.dataset)
-            elif request.dataset and request.dataset != upload.name:
-                raise InvalidArgument(
-                    f"one upload goes to one dataset: got {request.dataset!r} after {upload.name!r}; "
-                    "use one UploadExamples call per dataset"
-                )
-            examples = [(e.image.id, e.image.content, e.label) for e in request.examples]
-            await asyncio.to_thread(upload.add, examples)
-        if upload is None:
-            raise InvalidArgument("UploadExamples received no messages; send at least one with examples")
-        info = await asyncio.to_thread(upload.commit)
-        metrics.EXAMPLES_UPLOADED.inc(len(upload.added))
-        log.info("dataset %r: %d examples added (%d bytes), %d in all", info.name, len(upload.added), upload.bytes,
-                 info.example_count)  # fmt: skip
-        return dataset_pb(info)
-
-    async def get(self, name: str) -> pb.Dataset:
-        return dataset_pb(await asyncio.to_thread(self.store.info, name))
-
-    async def list(self) -> pb.ListDatasetsResponse:
-        return pb.ListDatasetsResponse(datasets=[dataset_pb(i) for i in await asyncio.to_thread(self.store.all)])
 
 
 class Jobs:

@@ -19,8 +19,9 @@ from grpc_reflection.v1alpha import reflection
 from prelabel import metrics
 from prelabel.datasets.store import dataset_store
 from prelabel.gateway.catalog import ModelCatalog
+from prelabel.gateway.datasets import Datasets
 from prelabel.gateway.interceptors import ErrorsAndMetrics
-from prelabel.gateway.jobs import Datasets, Jobs
+from prelabel.gateway.jobs import Jobs
 from prelabel.gateway.predict import Predictor
 from prelabel.gateway.security import BearerTokens, Tokens, server_credentials
 from prelabel.gateway.servicers import DatasetServicer, JobServicer, ModelServicer, PredictionServicer

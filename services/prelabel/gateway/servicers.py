@@ -10,7 +10,8 @@ from collections.abc import AsyncIterator
 from grpc import aio
 
 from prelabel.gateway.catalog import ModelCatalog
-from prelabel.gateway.jobs import Datasets, Jobs
+from prelabel.gateway.datasets import Datasets
+from prelabel.gateway.jobs import Jobs
 from prelabel.gateway.predict import Predictor
 from prelabel.v1 import prelabel_pb2 as pb
 from prelabel.v1 import prelabel_pb2_grpc as rpc

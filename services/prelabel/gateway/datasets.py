@@ -1,0 +1,58 @@
+"""Datasets behind the gateway: client-streamed uploads, checked and stored off the event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+
+from prelabel import metrics
+from prelabel.datasets.store import DatasetInfo, DatasetStore
+from prelabel.errors import InvalidArgument
+from prelabel.gateway.jobs import timestamp
+from prelabel.v1 import prelabel_pb2 as pb
+
+log = logging.getLogger("prelabel.gateway")
+
+
+def dataset_pb(info: DatasetInfo) -> pb.Dataset:
+    return pb.Dataset(
+        name=info.name,
+        example_count=info.example_count,
+        class_counts=info.class_counts,
+        created_at=timestamp(info.created_at),
+        updated_at=timestamp(info.updated_at),
+    )
+
+
+class Datasets:
+    def __init__(self, store: DatasetStore) -> None:
+        self.store = store
+
+    async def upload(self, requests: AsyncIterator[pb.UploadExamplesRequest]) -> pb.Dataset:
+        upload = None
+        async for request in requests:
+            if upload is None:
+                if not request.dataset:
+                    raise InvalidArgument("the first UploadExamplesRequest must name the dataset")
+                upload = self.store.upload(request.dataset)
+            elif request.dataset and request.dataset != upload.name:
+                raise InvalidArgument(
+                    f"one upload goes to one dataset: got {request.dataset!r} after {upload.name!r}; "
+                    "use one UploadExamples call per dataset"
+                )
+            examples = [(e.image.id, e.image.content, e.label) for e in request.examples]
+            await asyncio.to_thread(upload.add, examples)
+        if upload is None:
+            raise InvalidArgument("UploadExamples received no messages; send at least one with examples")
+        info = await asyncio.to_thread(upload.commit)
+        metrics.EXAMPLES_UPLOADED.inc(len(upload.added))
+        log.info("dataset %r: %d examples added (%d bytes), %d in all", info.name, len(upload.added), upload.bytes,
+                 info.example_count)  # fmt: skip
+        return dataset_pb(info)
+
+    async def get(self, name: str) -> pb.Dataset:
+        return dataset_pb(await asyncio.to_thread(self.store.info, name))
+
+    async def list(self) -> pb.ListDatasetsResponse:
+        return pb.ListDatasetsResponse(datasets=[dataset_pb(i) for i in await asyncio.to_thread(self.store.all)])
