@@ -187,6 +187,8 @@ def test_kubernetes_overlays_render_valid_objects(overlay):
         for c in pod.get("initContainers", []) + pod["containers"]:
             assert c["resources"]["requests"] and c["resources"]["limits"], c["name"]
     gateway = by_kind[("Deployment", "gateway")]["spec"]["template"]["spec"]["containers"][0]
+    sources = [next(iter(s)) for s in gateway["envFrom"]]
+    assert sources == ["configMapRef", "secretRef"]  # settings from a ConfigMap, credentials from a Secret
     assert gateway["readinessProbe"]["grpc"]["port"] == 50051 and gateway["startupProbe"]["grpc"]
     triton = by_kind[("Deployment", "triton")]["spec"]["template"]["spec"]
     shm = next(v for v in triton["volumes"] if v["name"] == "dshm")
