@@ -74,10 +74,6 @@ class ErrorsAndMetrics(aio.ServerInterceptor):  # type: ignore[misc]
         # grpc.health.v1.Health/Watch and reflection streams live as long as their clients: not counted.
         if details.method.startswith(("/grpc.health", "/grpc.reflection")):
             return handler
-        kwargs: dict[str, Any] = {
-            "request_deserializer": handler.request_deserializer,
-            "response_serializer": handler.response_serializer,
-        }
         if handler.unary_unary or handler.stream_unary:
             behaviour = handler.unary_unary or handler.stream_unary
 
@@ -90,10 +86,7 @@ class ErrorsAndMetrics(aio.ServerInterceptor):  # type: ignore[misc]
                 finally:
                     call.done()
 
-            factory = (
-                grpc.unary_unary_rpc_method_handler if handler.unary_unary else grpc.stream_unary_rpc_method_handler
-            )
-            return factory(unary, **kwargs)
+            return same_shape(handler, unary, None)
 
         behaviour = handler.unary_stream or handler.stream_stream
 
@@ -107,7 +100,22 @@ class ErrorsAndMetrics(aio.ServerInterceptor):  # type: ignore[misc]
             finally:
                 call.done()
 
-        factory = (
-            grpc.unary_stream_rpc_method_handler if handler.unary_stream else grpc.stream_stream_rpc_method_handler
-        )
-        return factory(streaming, **kwargs)
+        return same_shape(handler, None, streaming)
+
+
+def same_shape(handler: grpc.RpcMethodHandler, unary: Any, streaming: Any) -> grpc.RpcMethodHandler:
+    """A handler like ``handler`` (its kind and serializers) that runs ``unary`` or ``streaming`` instead.
+
+    ``unary`` serves the calls that answer once (unary-unary, stream-unary), ``streaming`` the others.
+    """
+    kwargs: dict[str, Any] = {
+        "request_deserializer": handler.request_deserializer,
+        "response_serializer": handler.response_serializer,
+    }
+    if handler.unary_unary:
+        return grpc.unary_unary_rpc_method_handler(unary, **kwargs)
+    if handler.stream_unary:
+        return grpc.stream_unary_rpc_method_handler(unary, **kwargs)
+    if handler.unary_stream:
+        return grpc.unary_stream_rpc_method_handler(streaming, **kwargs)
+    return grpc.stream_stream_rpc_method_handler(streaming, **kwargs)

@@ -20,6 +20,7 @@ import grpc
 from grpc import aio
 
 from prelabel.errors import InvalidArgument, PermissionDenied, PrelabelError, Unauthenticated
+from prelabel.gateway.interceptors import same_shape
 from prelabel.settings import Settings
 
 log = logging.getLogger("prelabel.gateway")
@@ -140,10 +141,6 @@ class BearerTokens(aio.ServerInterceptor):  # type: ignore[misc]
 
 def _rejecting(handler: grpc.RpcMethodHandler, problem: PrelabelError) -> grpc.RpcMethodHandler:
     """A handler of the same shape as ``handler`` that answers ``problem``'s status and does nothing else."""
-    kwargs: dict[str, Any] = {
-        "request_deserializer": handler.request_deserializer,
-        "response_serializer": handler.response_serializer,
-    }
 
     async def unary(request: Any, context: aio.ServicerContext) -> Any:
         await context.abort(problem.code, problem.message)
@@ -152,10 +149,4 @@ def _rejecting(handler: grpc.RpcMethodHandler, problem: PrelabelError) -> grpc.R
         await context.abort(problem.code, problem.message)
         yield  # pragma: no cover - makes this an async generator
 
-    if handler.unary_unary:
-        return grpc.unary_unary_rpc_method_handler(unary, **kwargs)
-    if handler.stream_unary:
-        return grpc.stream_unary_rpc_method_handler(unary, **kwargs)
-    if handler.unary_stream:
-        return grpc.unary_stream_rpc_method_handler(streaming, **kwargs)
-    return grpc.stream_stream_rpc_method_handler(streaming, **kwargs)
+    return same_shape(handler, unary, streaming)
