@@ -18,7 +18,6 @@ import fcntl
 import hashlib
 import json
 import os
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -26,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from prelabel.errors import InvalidArgument, NotFound, ResourceExhausted
+from prelabel.files import write_atomically
 from prelabel.preprocessing import ImageError, Preprocess, decode
 from prelabel.settings import Settings
 from prelabel.triton.repository import validate_name
@@ -124,7 +124,7 @@ class DatasetStore:
             info.example_count = len(labelled)
             info.class_counts = dict(sorted(Counter(labelled.values()).items()))
             info.updated_at = now
-            _write_atomically(path, json.dumps(info.__dict__).encode())
+            write_atomically(path, json.dumps(info.__dict__).encode())
             return info
 
     def _store_blob(self, content: bytes) -> str:
@@ -132,7 +132,7 @@ class DatasetStore:
         path = self._blob(digest)
         if not path.is_file():
             path.parent.mkdir(parents=True, exist_ok=True)
-            _write_atomically(path, content)
+            write_atomically(path, content)
         return digest
 
     # -- layout ----------------------------------------------------------------------------------
@@ -202,17 +202,3 @@ class Upload:
         if not self.added:
             raise InvalidArgument(f"the upload to dataset {self.name!r} had no examples; send at least one")
         return self.store._commit(self.name, self.added)
-
-
-def _write_atomically(path: Path, content: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(content)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise

@@ -17,8 +17,8 @@ model with its metrics, calibration and the reasons for its strategy.
 from __future__ import annotations
 
 import copy
+import io
 import math
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from prelabel.errors import InvalidArgument
+from prelabel.files import write_atomically
 from prelabel.models import backbones
 from prelabel.models.base import reference_statistics
 from prelabel.preprocessing import Preprocess
@@ -153,9 +154,9 @@ class Checkpoint:
 
     def save(self, state: dict[str, Any]) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}")
-        torch.save(state, tmp)
-        os.replace(tmp, self.path)
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        write_atomically(self.path, buffer.getvalue())
 
 
 @dataclass

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from prelabel.errors import InvalidArgument, NotFound
+from prelabel.files import write_atomically
 from prelabel.preprocessing import Preprocess
 from prelabel.settings import Settings
 
@@ -164,10 +165,7 @@ class ModelRepository:
         )
         path = self.root / name / "config.pbtxt"
         if not path.is_file() or path.read_text() != text:
-            fd, tmp = tempfile.mkstemp(prefix=".config-", dir=path.parent)  # unique: writers may race
-            with os.fdopen(fd, "w") as f:
-                f.write(text)
-            os.replace(tmp, path)
+            write_atomically(path, text.encode())  # writers may race: each renames a whole file
 
 
 def repository_for(settings: Settings) -> ModelRepository:
