@@ -10,7 +10,7 @@ import grpc
 import pytest
 from PIL import Image
 
-from prelabel.datasets import shapes
+from prelabel.datasets import formulas
 from prelabel.v1 import prelabel_pb2 as pb
 from prelabel.v1 import prelabel_pb2_grpc as rpc
 from tests.stack import Stack, wait_for_health
@@ -30,14 +30,26 @@ def encode(image: Image.Image, fmt: str, **kwargs: object) -> bytes:
     return out.getvalue()
 
 
+# Classes of the built-in base's pre-training data (Prelabel Formulas) that it labels right at least
+# 96 % of the time (measured on 24 fresh images each). Tests that use them check serving, not the model.
+EASY = (108, 40, 195, 94, 116, 25, 96, 6, 29, 238, 203, 70, 200, 30, 125)
+
+
+def formula_images(count: int, size: int, seed: int, classes: tuple[int, ...] = EASY
+                   ) -> tuple[list[Image.Image], list[str]]:  # fmt: skip
+    """Generated images the built-in base model labels correctly, with their labels."""
+    images, labels = formulas.sample(count, size, seed, classes)
+    return [Image.fromarray(im) for im in images], [formulas.CLASSES[y] for y in labels]
+
+
 @pytest.fixture(scope="session")
 def labelled_images() -> list[tuple[str, bytes, str]]:
     """``(id, encoded bytes, true label)`` for 30 generated images in PNG, JPEG and WebP."""
-    images, labels = shapes.sample(30, 160, seed=11)
+    images, labels = formula_images(30, 64, seed=11)
     formats = ("PNG", "JPEG", "WEBP")
     return [
-        (f"{i}-{formats[i % 3].lower()}", encode(im, formats[i % 3], quality=92), shapes.CLASSES[y])
-        for i, (im, y) in enumerate(zip(images, labels, strict=True))
+        (f"{i}-{formats[i % 3].lower()}", encode(im, formats[i % 3], quality=92), label)
+        for i, (im, label) in enumerate(zip(images, labels, strict=True))
     ]
 
 

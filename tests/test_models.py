@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from prelabel.datasets import shapes
+from prelabel.datasets import formulas
 from prelabel.errors import InvalidArgument, NotFound, Unavailable
 from prelabel.models import backbones, base
 from prelabel.models.defaults import ensure_default_model
 from prelabel.models.runner import Runner
 from prelabel.triton.repository import ModelRepository
-from tests.conftest import encode
+from tests.conftest import encode, formula_images
 
 EMBEDDING = {"resnet18": 512, "resnet50": 2048, "mobilenet_v3_small": 1024, "mobilenet_v3_large": 1280,
              "efficientnet_b0": 1280, "vit_b_16": 768}  # fmt: skip
@@ -80,12 +80,12 @@ def test_local_weights_file_as_the_default_model(tmp_path):
 
 def test_builtin_base_model_is_small_and_documented():
     files = base.files()
-    assert files.weights.stat().st_size <= 10 * 1024 * 1024
+    assert files.weights.stat().st_size <= 25 * 1024 * 1024
     card = files.read_card()
-    assert card["arch"] == base.ARCH and card["labels"] == list(shapes.CLASSES)
-    assert card["pretraining"]["heldout_accuracy"] > 0.95
+    assert card["arch"] == base.ARCH == "resnet18" and card["labels"] == list(formulas.CLASSES)
+    assert card["pretraining"]["heldout_accuracy"] > 0.5 and "Formulas" in card["pretraining"]["dataset"]
     reference = np.load(files.reference)
-    assert reference["mean"].shape == (1024,) and reference["cov"].shape == (1024, 1024)
+    assert reference["mean"].shape == (512,) and reference["cov"].shape == (512, 512)
 
 
 @pytest.fixture(scope="module")
@@ -98,18 +98,18 @@ def runner(tmp_path_factory) -> Runner:
 
 
 def test_runner_labels_generated_images_and_reports_bad_ones(runner):
-    images, labels = shapes.sample(40, 96, seed=123)
+    images, labels = formula_images(40, 96, seed=123)
     blobs = [encode(im, "PNG") for im in images] + [b"junk"]
     out = runner.run(blobs)
-    predicted = out.probabilities[:40].argmax(1)
-    assert (predicted == np.array(labels)).mean() >= 0.9
+    predicted = [runner.card.labels[i] for i in out.probabilities[:40].argmax(1)]
+    assert np.mean([p == t for p, t in zip(predicted, labels, strict=True)]) >= 0.7  # of 256 classes
     np.testing.assert_allclose(out.probabilities[:40].sum(1), 1.0, rtol=1e-5)
     assert out.errors[:40] == [""] * 40 and "could not be decoded" in out.errors[40]
-    assert not out.probabilities[40].any() and out.embeddings.shape == (41, 1024)
+    assert not out.probabilities[40].any() and out.embeddings.shape == (41, 512)
 
 
 def test_runner_temperature_softens_probabilities(runner):
-    blob = [encode(shapes.sample(1, 64, seed=1)[0][0], "PNG")]
+    blob = [encode(formula_images(1, 64, seed=1)[0][0], "PNG")]
     sharp = runner.run(blob).probabilities.max()
     runner.card.temperature = 4.0
     try:

@@ -16,10 +16,10 @@ from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from PIL import Image
 
-from prelabel.datasets import shapes
+from prelabel.datasets import formulas, shapes
 from prelabel.v1 import prelabel_pb2 as pb
 from prelabel.v1 import prelabel_pb2_grpc as rpc
-from tests.conftest import encode, request
+from tests.conftest import encode, formula_images, request
 from tests.stack import PRELABEL, Stack, health_status
 
 pytestmark = pytest.mark.stack
@@ -41,7 +41,8 @@ def test_predicts_png_jpeg_webp_correctly(predict_stub, labelled_images):
         assert not p.auto_accept  # the base model has no calibrated threshold
         assert not p.embedding
         correct += p.labels[0].name == truth
-    assert correct >= 27, f"only {correct}/30 generated images labelled correctly"
+    # 256 fine-grained classes, and JPEG and WebP blur what tells fractals apart: chance is 1/256.
+    assert correct >= 18, f"only {correct}/30 generated images labelled correctly"
 
 
 def test_corrupt_and_oversized_images_get_per_image_errors(predict_stub, labelled_images):
@@ -66,17 +67,17 @@ def test_corrupt_and_oversized_images_get_per_image_errors(predict_stub, labelle
 
 def test_embedding_top_k_and_explicit_version(predict_stub, labelled_images):
     image = [(labelled_images[0][0], labelled_images[0][1])]
-    response = predict_stub.Predict(request(image, top_k=50, include_embedding=True, version="1"), timeout=60)
+    response = predict_stub.Predict(request(image, top_k=300, include_embedding=True, version="1"), timeout=60)
     p = response.predictions[0]
-    assert len(p.labels) == len(shapes.CLASSES)  # top_k is capped at the number of classes
-    assert len(p.embedding) == 1024 and any(v != 0 for v in p.embedding)
+    assert len(p.labels) == len(formulas.CLASSES)  # top_k is capped at the number of classes
+    assert len(p.embedding) == 512 and any(v != 0 for v in p.embedding)
     again = predict_stub.Predict(request(image, include_embedding=True), timeout=60).predictions[0]
     assert len(again.labels) == 5  # default top_k
     np.testing.assert_allclose(again.embedding, p.embedding, rtol=1e-4, atol=1e-5)
 
 
 def test_large_photo_is_resized_not_rejected(predict_stub):
-    big, label = shapes.render(0, 1200, np.random.default_rng(3)), "circle"
+    (big,), (label,) = formula_images(1, 1200, seed=3, classes=(195,))  # a grating: the same at any size
     p = predict_stub.Predict(request([("big", encode(big, "JPEG", quality=85))]), timeout=60).predictions[0]
     assert p.labels[0].name == label
 
@@ -172,7 +173,7 @@ def test_models_and_health_and_reflection(channel, stack):
     assert model.default_version == "1"
     (version,) = model.versions
     assert version.ready and version.architecture == "mobilenet_v3_small"
-    assert list(version.labels) == list(shapes.CLASSES) and version.created_at.seconds > 0
+    assert list(version.labels) == list(formulas.CLASSES) and version.created_at.seconds > 0
     assert rpc.ModelServiceStub(channel).GetModel(pb.GetModelRequest(name="prelabel-base"), timeout=10) == model
     with pytest.raises(grpc.RpcError) as err:
         rpc.ModelServiceStub(channel).GetModel(pb.GetModelRequest(name="nope"), timeout=10)

@@ -22,6 +22,7 @@ Everything is vectorised numpy; a seed fixes every image, so the dataset is repr
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import numpy as np
 import numpy.typing as npt
@@ -195,9 +196,10 @@ def render(c: int, size: int, rng: np.random.Generator) -> npt.NDArray[np.uint8]
     return np.clip(image, 0, 255).astype(np.uint8)
 
 
-def sample(count: int, size: int, seed: int) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.int64]]:
-    """``count`` images with balanced classes in a seeded order: ``([N, size, size, 3], [N])``."""
+def sample(count: int, size: int, seed: int, classes: Sequence[int] = range(NUM_CLASSES)
+           ) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.int64]]:  # fmt: skip
+    """``count`` images of ``classes``, balanced, in a seeded order: ``([N, size, size, 3], [N])``."""
     rng = np.random.default_rng(seed)
-    labels = rng.permutation(np.arange(count) % NUM_CLASSES)
+    labels = rng.permutation(np.asarray(classes)[np.arange(count) % len(classes)])
     images = np.stack([render(int(c), size, rng) for c in labels])
     return images, labels.astype(np.int64)

@@ -1,7 +1,7 @@
 """The project's own pre-trained base model, shipped inside the package.
 
 No weights can be downloaded where Prelabel is developed and tested, so ``scripts/pretrain_base_model.py``
-pre-trains a small torchvision backbone on Prelabel Shapes and commits the result here: weights,
+pre-trains a ResNet-18 on Prelabel Formulas (generated images only) and commits the result here: weights,
 labels, preprocessing and reference statistics of the pre-training data's embeddings (used to
 measure how similar a new dataset is).
 """
@@ -20,7 +20,7 @@ from prelabel.preprocessing import Preprocess
 
 ASSETS = Path(__file__).parent / "assets"
 NAME = "prelabel-base"
-ARCH = "mobilenet_v3_small"
+ARCH = "resnet18"
 IMAGE_SIZE = 64
 
 
