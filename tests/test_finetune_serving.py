@@ -98,7 +98,7 @@ def test_cli_train_publishes_and_loads_into_the_running_triton(stack, predict_st
     )  # fmt: skip
     assert run.returncode == 0, run.stderr
     assert "90 images in 6 classes" in run.stderr and "%|" in run.stderr  # the progress bar
-    assert "published cli-novel version 1: 90 examples, 15 per class, similarity" in run.stdout
+    assert "published cli-novel version 1: 90 examples, 15 per class, frechet similarity" in run.stdout
     assert "feature extraction" in run.stdout and f"loaded into Triton at {stack.triton_url}" in run.stdout
     test_images, truth = held_out(52)
     response = predict_stub.Predict(request(test_images, model="cli-novel"), timeout=60)

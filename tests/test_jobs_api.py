@@ -139,7 +139,7 @@ def test_cancel_a_running_and_a_queued_job_and_page_through_jobs(channel):
     running = jobs.CreateFineTuneJob(long)
     queued = jobs.CreateFineTuneJob(long)  # one trainer: this one waits behind the first
     for job in jobs.WatchJob(pb.WatchJobRequest(id=running.id), timeout=120):
-        if "epoch" in job.message:
+        if "step" in job.message:
             break
     cancelled = jobs.CancelJob(pb.CancelJobRequest(id=queued.id))
     assert cancelled.state == pb.CANCELLED and not cancelled.HasField("started_at")
@@ -172,7 +172,7 @@ def test_cli_finetune_shows_progress_and_prints_the_version(stack, tmp_path):
     done = subprocess.run(cli, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert "dataset 'cli-shapes': 24 images" in done.stderr and "uploading" in done.stderr
-    assert "published cli-shapes version 1" in done.stdout and "validation accuracy" in done.stdout
+    assert "published cli-shapes version 1" in done.stdout and "cross-validated accuracy" in done.stdout
     listed = subprocess.run([PRELABEL, "jobs", "--server", stack.address, "--state", "succeeded"],
                             capture_output=True, text=True, timeout=60)  # fmt: skip
     assert listed.returncode == 0 and "cli-shapes v1" in listed.stdout

@@ -86,10 +86,10 @@ def long_job(trainer: Trainer) -> tuple[str, threading.Thread]:
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         current = trainer.queue.get(job.id)
-        if current.state == RUNNING and "epoch" in current.message:
+        if current.state == RUNNING and "step" in current.message:
             return job.id, worker
         time.sleep(0.1)
-    raise AssertionError(f"the job never reported an epoch: {trainer.queue.get(job.id)}")
+    raise AssertionError(f"the job never reported a training step: {trainer.queue.get(job.id)}")
 
 
 def test_cancel_stops_a_running_job_within_seconds(trainer):
@@ -115,16 +115,18 @@ def test_a_resumed_run_equals_an_uninterrupted_one(trainer, tmp_path):
     base = engine.load_base(trainer.repository, "prelabel-base")
     images, labels = trainer.store.examples("novel")
     examples = data.from_encoded(images, labels, base.preprocess)
-    config = engine.TrainConfig(strategy=engine.FULL_FINE_TUNE, epochs=4, patience=10)
+    config = engine.TrainConfig(strategy=engine.FULL_FINE_TUNE, epochs=8)
     whole = engine.train(base, examples, config)
 
-    checkpoint = engine.Checkpoint(tmp_path / "ckpt.pt")
-    epochs_seen: list[int] = []
-    with pytest.raises(engine.Stopped, match="epoch 3 of 4"):
-        engine.train(base, examples, config, lambda p: epochs_seen.append(p.epoch), checkpoint,
-                     should_stop=lambda: len(epochs_seen) >= 2)  # fmt: skip
+    checkpoint = engine.Checkpoint(tmp_path / "ckpt.pt", every_s=3600)  # saved only because it is stopped
+    seen: list[engine.Progress] = []
+    with pytest.raises(engine.Stopped, match="stopped at step"):
+        engine.train(base, examples, config, seen.append, checkpoint,
+                     should_stop=lambda: any("fold 2 of 3" in p.stage for p in seen))  # fmt: skip
     resumed = engine.train(base, examples, config, checkpoint=checkpoint)
-    assert resumed.metrics["resumed_from_epoch"] == 2 and resumed.metrics["epochs"] == 4
+    assert resumed.metrics["resumed_from_step"] > config.epochs  # fold 1 whole, and part of fold 2
+    assert resumed.metrics["steps"] == whole.metrics["steps"]
+    assert resumed.metrics["val_accuracy"] == whole.metrics["val_accuracy"]
     for a, b in zip(whole.model.state_dict().values(), resumed.model.state_dict().values(), strict=True):
         assert torch.allclose(a.float(), b.float(), atol=1e-5)
 

@@ -76,9 +76,11 @@ PUBLISH_LATENCY = Histogram(
     "prelabel_publish_duration_seconds", "Time to publish a version and load it into Triton.",
     buckets=(0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300), registry=REGISTRY,
 )  # fmt: skip
-EPOCHS = Counter("prelabel_training_epochs", "Training epochs completed by this trainer.", registry=REGISTRY)
+TRAINING_STEPS = Counter("prelabel_training_steps", "Optimisation steps completed by this trainer.", registry=REGISTRY)
 TRAINING_SPEED = Gauge(
-    "prelabel_training_images_per_second", "Training images per second in the last epoch.", registry=REGISTRY
+    "prelabel_training_images_per_second",
+    "Training images per second since the last progress report.",
+    registry=REGISTRY,
 )
 TRAINER_BUSY = Gauge("prelabel_trainer_busy", "1 while this trainer runs a job.", registry=REGISTRY)
 LAST_PROGRESS = Gauge(
@@ -86,7 +88,8 @@ LAST_PROGRESS = Gauge(
     registry=REGISTRY,
 )  # fmt: skip
 VALIDATION_ACCURACY = Gauge(
-    "prelabel_last_validation_accuracy", "Validation accuracy of the last model this trainer published.",
+    "prelabel_last_validation_accuracy",
+    "Cross-validated (out-of-fold) accuracy of the last model this trainer published.",
     registry=REGISTRY,
 )  # fmt: skip
 

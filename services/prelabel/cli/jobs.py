@@ -104,13 +104,8 @@ def _report(job: pb.Job) -> int:
     if job.state != pb.SUCCEEDED:
         print(f"job {job.id} {state}" + (f": {job.error}" if job.error else ""), file=sys.stderr)
         return 1
-    m = job.metrics
     print(f"published {job.output_model} version {job.model_version}: {job.strategy_reason}")
-    print(
-        f"validation accuracy {m['val_accuracy']:.1%} on {m['val_examples']:.0f} images; auto-accept at "
-        f"{m['target_precision']:.0%} precision covers {m['auto_accept_coverage']:.0%}; "
-        f"trained in {m['train_seconds']:.0f}s; attempts {job.attempts}"
-    )
+    print(f"{job.message}; trained in {job.metrics['train_seconds']:.0f}s; attempts {job.attempts}")
     return 0
 
 

@@ -39,20 +39,15 @@ def train(settings: Settings, args: argparse.Namespace) -> int:
     ) as bar:
 
         def show(p: engine.Progress) -> None:
-            bar.set_description_str(f"{p.stage} {p.epoch}/{p.epochs}")
-            bar.set_postfix_str(f"loss {p.loss:.3f}, val acc {p.accuracy:.1%}, ETA {p.eta_s:.0f}s")
+            bar.set_description_str(f"{p.stage} {p.step}/{p.steps}")
+            bar.set_postfix_str(p.message.partition(", ")[2])
             bar.n = round(p.fraction * 100)
             bar.refresh()
 
         result = engine.train(base, examples, config, show)
     version = publish(repository, args.name, result, base)
-    m = result.metrics
     print(f"published {args.name} version {version}: {result.decision.reason}")
-    print(
-        f"validation accuracy {m['val_accuracy']:.1%} on {m['val_examples']:.0f} images; auto-accept at "
-        f"{m['target_precision']:.0%} precision covers {m['auto_accept_coverage']:.0%} "
-        f"(threshold {result.threshold if result.threshold is not None else 'none'}); {m['train_seconds']:.0f}s"
-    )
+    print(f"{result.summary}; {result.metrics['train_seconds']:.0f}s")
     url = running_triton(settings)
     if url and asyncio.run(load_into_triton(url, args.name)):
         print(f"loaded into Triton at {url}: Predict with model={args.name!r} uses version {version}")

@@ -154,6 +154,8 @@ def end(job: Job, worker: str, state: str, error: str, result: dict[str, Any] | 
     job.state, job.error, job.lease_expires_at = state, error, 0.0
     job.result.update(result or {})
     job.metrics.update(metrics or {})
+    if state == SUCCEEDED and job.result.get("summary"):
+        job.message = job.result["summary"]  # what the model achieved, and what auto-accept promises
     if state == SUCCEEDED:
         job.progress = 1.0
     if state in TERMINAL:

@@ -87,14 +87,20 @@ def check(examples: Examples) -> None:
         raise InvalidArgument(f"every class needs at least {MIN_PER_CLASS} examples; too few: {listed}. Add more")
 
 
-def split(examples: Examples, val_fraction: float, seed: int) -> tuple[Examples, Examples]:
-    """A seeded split that keeps each class's share: at least one validation example per class."""
+def folds(labels: torch.Tensor, k: int, seed: int) -> list[torch.Tensor]:
+    """``k`` seeded stratified folds (fewer when a class has fewer than ``k`` examples): index tensors.
+
+    Each class's examples are shuffled and dealt round-robin, starting at a random fold, so every
+    fold holds each class's share and fold sizes differ by at most one per class.
+    """
     generator = torch.Generator().manual_seed(seed)
-    train, val = [], []
-    for c in range(len(examples.classes)):
-        members = torch.nonzero(examples.labels == c).flatten()
-        members = members[torch.randperm(len(members), generator=generator)]
-        n_val = min(len(members) - 2, max(1, round(len(members) * val_fraction)))
-        val.append(members[:n_val])
-        train.append(members[n_val:])
-    return examples.subset(torch.cat(train).sort().values), examples.subset(torch.cat(val).sort().values)
+    counts = torch.bincount(labels)
+    k = max(2, min(k, int(counts[counts > 0].min())))
+    members: list[list[int]] = [[] for _ in range(k)]
+    for c in range(len(counts)):
+        of_class = torch.nonzero(labels == c).flatten()
+        shuffled: list[int] = of_class[torch.randperm(len(of_class), generator=generator)].tolist()
+        offset = int(torch.randint(0, k, (1,), generator=generator))
+        for j, i in enumerate(shuffled):
+            members[(j + offset) % k].append(i)
+    return [torch.tensor(sorted(m), dtype=torch.int64) for m in members]

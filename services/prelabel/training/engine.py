@@ -1,17 +1,21 @@
-"""The transfer-learning engine: four ways to adapt a pre-trained model, and a measured choice.
+"""The transfer-learning engine: :func:`train` orchestrates; each step lives in a module of its own.
 
-| strategy             | backbone                         | trained                      |
-|----------------------|----------------------------------|------------------------------|
-| feature extraction   | frozen; embeddings cached once   | a new linear head only       |
-| freeze first k       | first k stages frozen            | the other stages and a head  |
-| full fine-tune       | every layer, pre-trained start   | all, backbone at a lower LR  |
-| from scratch         | same architecture, random init   | all                          |
+| strategy             | backbone                         | trained                                  |
+|----------------------|----------------------------------|------------------------------------------|
+| feature extraction   | frozen; embeddings cached once   | a new linear head only                   |
+| freeze first k       | first k stages frozen            | the other stages and a head              |
+| full fine-tune       | every layer, pre-trained start   | all, the backbone at a lower rate        |
+| from scratch         | a ResNet-18 from random weights  | all                                      |
 
-``STRATEGY_AUTO`` follows the four cases of transfer learning (data size x similarity to the
-pre-training data), measuring similarity on the base model's embeddings, and confirms its choice
-against feature extraction (which costs seconds, its embeddings being computed anyway) on the
-validation split. Usable as a library: :func:`train` takes examples and a callback, and returns a
-model with its metrics, calibration and the reasons for its strategy.
+1. One pass of the base model over the examples gives embeddings (feature extraction's cache) and
+   the similarity to its pre-training data (training/similarity.py).
+2. The rule (training/strategy.py) picks a strategy from size and similarity.
+3. **Cross-fitting**: the examples are split into k stratified folds; each candidate strategy is
+   trained k times, each time without one fold, and predicts that fold. Every labelled example
+   thus gets an out-of-fold prediction. They choose the training length (training/loop.py), make
+   AUTO's trial a paired comparison on the same examples, and calibrate confidence and the
+   auto-accept threshold (training/calibration.py) on all labels instead of a 20 % split.
+4. The chosen strategy is trained once more on every example, for the length the folds chose.
 """
 
 from __future__ import annotations
@@ -21,53 +25,38 @@ import io
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 from prelabel.errors import InvalidArgument
 from prelabel.files import write_atomically
 from prelabel.models import backbones
 from prelabel.models.base import reference_statistics
 from prelabel.preprocessing import Preprocess
-from prelabel.training import calibration, data, stages
-from prelabel.training.similarity import similarity as measure_similarity
+from prelabel.training import calibration, data, head, loop, stages
+from prelabel.training.loop import Stopped
+from prelabel.training.similarity import confidence_similarity, similarity
+from prelabel.training.strategy import (
+    AUTO,
+    FEATURE_EXTRACTION,
+    FREEZE_FIRST_K,
+    FROM_SCRATCH,
+    FULL_FINE_TUNE,
+    NAMES,
+    STRATEGIES,
+    Decision,
+    decide,
+)
 from prelabel.triton.repository import ModelRepository
 
-AUTO = "STRATEGY_AUTO"
-FEATURE_EXTRACTION = "STRATEGY_FEATURE_EXTRACTION"
-FREEZE_FIRST_K = "STRATEGY_FREEZE_FIRST_K"
-FULL_FINE_TUNE = "STRATEGY_FULL_FINE_TUNE"
-FROM_SCRATCH = "STRATEGY_FROM_SCRATCH"
-STRATEGIES = (AUTO, FEATURE_EXTRACTION, FREEZE_FIRST_K, FULL_FINE_TUNE, FROM_SCRATCH)
-NAMES = {
-    FEATURE_EXTRACTION: "feature extraction",
-    FREEZE_FIRST_K: "freeze the first k stages",
-    FULL_FINE_TUNE: "full fine-tuning",
-    FROM_SCRATCH: "training from scratch",
-}
-
-# The four cases' boundaries. Similarity is the normalised Fréchet measure of training/similarity.py:
-# on Prelabel's base model, images like its pre-training data score ~0.99, new shapes ~0.6 and
-# handwritten digits ~0.45. Other backbones may need other values.
-# Measured with bench/label_efficiency.py on the built-in base model: from 25 labels per class,
-# full fine-tuning matches or beats feature extraction on similar data, and training from scratch
-# beats every use of the pre-trained weights on dissimilar data (digits: 91% vs 60% at 25/class).
-SMALL_PER_CLASS = 20
-HIGH_SIMILARITY = 0.5
-
-# (epochs, head learning rate, backbone learning rate as a fraction of the head's)
-DEFAULTS = {
-    FREEZE_FIRST_K: (20, 3e-3, 0.3),
-    FULL_FINE_TUNE: (20, 3e-3, 0.1),
-    FROM_SCRATCH: (30, 3e-3, 1.0),
-}
+__all__ = ["AUTO", "FEATURE_EXTRACTION", "FREEZE_FIRST_K", "FROM_SCRATCH", "FULL_FINE_TUNE", "NAMES", "STRATEGIES",
+           "Base", "Checkpoint", "Decision", "Progress", "Stopped", "TrainConfig", "TrainResult", "load_base",
+           "train"]  # fmt: skip
 
 
 @dataclass
@@ -103,48 +92,50 @@ def load_base(repository: ModelRepository, name: str, version: int | None = None
 class TrainConfig:
     strategy: str = AUTO
     freeze_first_k: int = 0  # 0: half of the stages
-    epochs: int = 0  # 0: the strategy's default
-    learning_rate: float = 0.0  # the head's; 0: the strategy's default
-    batch_size: int = 64
+    epochs: int = 0  # 0: the recipe's budget of steps (training/loop.py)
+    learning_rate: float = 0.0  # the head's peak; 0: the strategy's default
     seed: int = 0
-    val_fraction: float = 0.2
-    patience: int = 5  # epochs without a better validation accuracy before stopping
+    folds: int = 3  # cross-fitting folds (fewer when a class has fewer examples)
     target_precision: float = 0.95
+    confidence: float = 1 - calibration.DELTA  # that auto-accept's precision holds
     device: str = "auto"
-    trial: bool = True  # AUTO: confirm against feature extraction on the validation split
+    trial: bool = True  # AUTO: confirm the rule's choice against feature extraction
 
 
 @dataclass
 class Progress:
     stage: str
-    epoch: int
-    epochs: int
-    loss: float
-    accuracy: float  # on the validation split
-    fraction: float  # of the whole run
+    step: int
+    steps: int
+    loss: float  # training loss since the last report (nan where nothing trains)
+    accuracy: float  # on the held-out fold (nan without one)
+    fraction: float  # of the whole job
     eta_s: float
+    images_per_s: float = math.nan  # training speed since the last report (nan where nothing trains)
+    new_steps: int = 0  # optimisation steps since the last report
 
     @property
     def message(self) -> str:
-        return (f"{self.stage}: epoch {self.epoch}/{self.epochs}, loss {self.loss:.3f}, "
-                f"validation accuracy {self.accuracy:.1%}, about {self.eta_s:.0f}s left")  # fmt: skip
+        parts = [f"{self.stage}: step {self.step}/{self.steps}"]
+        if not math.isnan(self.loss):
+            parts.append(f"loss {self.loss:.3f}")
+        if not math.isnan(self.accuracy):
+            parts.append(f"held-out accuracy {self.accuracy:.1%}")
+        return ", ".join(parts) + f", about {self.eta_s:.0f}s left"
 
 
 ProgressCallback = Callable[[Progress], None]
 
 
-class Stopped(Exception):
-    """Training stopped because ``should_stop`` said so (the job was cancelled, or the worker is leaving)."""
-
-
 @dataclass
 class Checkpoint:
-    """The training loop's state, saved after every epoch so that a killed run resumes where it was.
+    """The job's training state: finished cross-fitting runs and the current run's latest state.
 
     Saved to a temporary file and renamed, so a kill mid-save leaves the previous checkpoint whole.
     """
 
     path: Path
+    every_s: float = 10.0  # a run saves its state at most this often, and whenever it is stopped
 
     def load(self) -> dict[str, Any] | None:
         if not self.path.is_file():
@@ -160,18 +151,6 @@ class Checkpoint:
 
 
 @dataclass
-class Decision:
-    requested: str
-    chosen: str
-    reason: str
-    examples: int
-    per_class: float
-    similarity: float | None
-    freeze_first_k: int = 0
-    trial: dict[str, float] = field(default_factory=dict)
-
-
-@dataclass
 class TrainResult:
     model: backbones.Classifier
     arch: str
@@ -182,28 +161,7 @@ class TrainResult:
     temperature: float
     threshold: float | None
     reference: dict[str, npt.NDArray[Any]]
-
-
-def decide(
-    requested: str, examples: int, classes: int, similarity: float | None, n_stages: int, freeze_first_k: int
-) -> Decision:
-    per_class = examples / classes
-    k = freeze_first_k or n_stages // 2
-    if requested != AUTO:
-        return Decision(requested, requested, f"{NAMES[requested]}, as requested", examples, per_class, similarity, k)
-    small = per_class < SMALL_PER_CLASS
-    high = similarity is None or similarity >= HIGH_SIMILARITY
-    if small and high:
-        chosen, why = FEATURE_EXTRACTION, "few examples of similar images: a new head on the frozen backbone"
-    elif small:
-        chosen, why = FREEZE_FIRST_K, f"few examples of different images: keep the first {k} stages' generic features"
-    elif high:
-        chosen, why = FULL_FINE_TUNE, "many examples of similar images: adapt every layer from the pre-trained start"
-    else:
-        chosen, why = FROM_SCRATCH, "many examples of different images: learn features for them from scratch"
-    measured = "no reference statistics (assumed similar)" if similarity is None else f"similarity {similarity:.2f}"
-    reason = f"{examples} examples, {per_class:.0f} per class, {measured}: {NAMES[chosen]} ({why})"
-    return Decision(requested, chosen, reason, examples, per_class, similarity, k)
+    summary: str  # one line for a person: accuracy, and what auto-accept promises or why it is off
 
 
 def _device(name: str) -> torch.device:
@@ -212,160 +170,69 @@ def _device(name: str) -> torch.device:
     return torch.device(name)
 
 
-@torch.no_grad()  # not inference_mode: feature extraction trains a head on these embeddings
-def _forward(model: backbones.Classifier, pixels: torch.Tensor, normalize: backbones.Normalizer, batch: int = 256
-             ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-    model.eval()
-    logits, embeddings = [], []
-    for i in range(0, len(pixels), batch):
-        with torch.autocast("cuda", dtype=torch.float16, enabled=normalize.device.type == "cuda"):
-            out, emb = model(normalize(pixels[i : i + batch]))
-        logits.append(out.float().cpu())
-        embeddings.append(emb.float().cpu())
-    return torch.cat(logits), torch.cat(embeddings)
+class _Job:
+    """Progress across the whole job, and the checkpoint of its runs."""
 
+    def __init__(self, config: TrainConfig, key: str, notify: ProgressCallback, checkpoint: Checkpoint | None,
+                 should_stop: Callable[[], bool]) -> None:  # fmt: skip
+        self.notify, self.checkpoint, self.should_stop = notify, checkpoint, should_stop
+        self.started = time.monotonic()
+        saved = checkpoint.load() if checkpoint else None
+        self.state: dict[str, Any] = saved if saved and saved.get("key") == key else {"key": key, "runs": {}}
+        self.resumed_from = sum(r["steps_done"] for r in self.state["runs"].values()) + (
+            self.state["current"]["state"]["steps_done"] if self.state.get("current") else 0
+        )
+        self.planned, self.done = 1, 0
+        self.save_every_s = checkpoint.every_s if checkpoint else math.inf
 
-def _augment(x: torch.Tensor, generator: torch.Generator, pad: int) -> torch.Tensor:
-    """Random translations of up to ``pad`` pixels (reflect padding, then a random crop per image)."""
-    if pad == 0:
-        return x
-    padded = F.pad(x, (pad, pad, pad, pad), mode="reflect")
-    offsets = torch.randint(0, 2 * pad + 1, (len(x), 2), generator=generator).tolist()
-    h, w = x.shape[-2:]
-    return torch.stack([padded[i, :, dy : dy + h, dx : dx + w] for i, (dy, dx) in enumerate(offsets)])
+    def check(self) -> None:
+        if self.should_stop():
+            raise Stopped("stopped")
 
+    def report(self, stage: str, step: int, steps: int, loss: float = math.nan, accuracy: float = math.nan,
+               advance: int = 0, speed: float = math.nan) -> None:  # fmt: skip
+        self.done += advance
+        fraction = min(1.0, self.done / max(self.planned, 1))
+        elapsed = time.monotonic() - self.started
+        eta = elapsed / fraction * (1 - fraction) if fraction > 0 else math.nan
+        self.notify(Progress(stage, step, steps, loss, accuracy, fraction, eta, speed, advance))
 
-def _fit_head(
-    train_emb: torch.Tensor, train_y: torch.Tensor, val_emb: torch.Tensor, val_y: torch.Tensor, classes: int,
-    seed: int, lr: float, steps: int = 300,
-) -> nn.Linear:  # fmt: skip
-    """A linear head on cached embeddings, trained full-batch on standardised features, then folded back."""
-    torch.manual_seed(seed)
-    mean, std = train_emb.mean(0), train_emb.std(0).clamp_min(1e-6)
-    head = nn.Linear(train_emb.shape[1], classes)
-    optimizer = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=1e-3)
-    xs, xv = (train_emb - mean) / std, (val_emb - mean) / std
-    best = (-1.0, math.inf, copy.deepcopy(head.state_dict()))
-    for _ in range(steps):
-        optimizer.zero_grad()
-        torch.autograd.backward(F.cross_entropy(head(xs), train_y))
-        optimizer.step()
-        with torch.no_grad():
-            logits = head(xv)
-            acc, loss = float((logits.argmax(1) == val_y).float().mean()), float(F.cross_entropy(logits, val_y))
-        if (acc, -loss) > (best[0], -best[1]):
-            best = (acc, loss, copy.deepcopy(head.state_dict()))
-    head.load_state_dict(best[2])
-    folded = nn.Linear(train_emb.shape[1], classes)
-    with torch.no_grad():  # W (x - m) / s + b  ==  (W / s) x + (b - W m / s)
-        folded.weight.copy_(head.weight / std)
-        folded.bias.copy_(head.bias - (head.weight / std) @ mean)
-    return folded
+    def run(self, name: str, stage: str, start: Callable[[dict[str, Any] | None, Callable[..., None]], loop.Run],
+            keep: bool = True) -> dict[str, Any]:  # fmt: skip
+        """A run's summary (and ``model``): from the checkpoint, or by running ``start`` (resumed if it was cut).
 
+        ``keep``: record the finished run in the checkpoint, so that a restarted job skips it.
+        """
+        if name in self.state["runs"]:
+            summary: dict[str, Any] = self.state["runs"][name]
+            self.done += summary["steps_done"]
+            return summary
+        current = self.state.get("current")
+        resume = current["state"] if current and current["name"] == name else None
+        if resume:
+            self.done += resume["steps_done"]
+        last = resume["steps_done"] if resume else 0
 
-def _fit(
-    model: backbones.Classifier,
-    frozen: list[nn.Module],
-    train_set: data.Examples,
-    val_set: data.Examples,
-    normalize: backbones.Normalizer,
-    config: TrainConfig,
-    strategy: str,
-    report: Callable[[int, int, float, float], None],
-    checkpoint: Checkpoint | None = None,
-    should_stop: Callable[[], bool] = lambda: False,
-) -> tuple[int, float, int]:
-    """Mini-batch training with early stopping on validation accuracy; leaves the best weights in ``model``.
+        def report(step: int, loss: float, accuracy: float, speed: float, steps: int) -> None:
+            nonlocal last
+            self.report(stage, step, steps, loss, accuracy, advance=step - last, speed=speed)
+            last = step
 
-    Returns (epochs run, best validation accuracy, the epoch a checkpoint resumed from or 0).
-    """
-    epochs, lr, body_ratio = DEFAULTS[strategy]
-    epochs, lr = config.epochs or epochs, config.learning_rate or lr
-    # From random weights the first epochs are at chance while the one-cycle schedule warms up.
-    patience = max(config.patience, epochs // 2) if strategy == FROM_SCRATCH else config.patience
-    device = normalize.device
-    model.to(device)
-    if device.type == "cuda":
-        model.to(memory_format=torch.channels_last)
-    head_params = list(model.head.parameters())
-    body_params = [p for p in model.body.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(
-        [{"params": body_params, "lr": lr * body_ratio}, {"params": head_params, "lr": lr}], weight_decay=0.05
-    )
-    steps_per_epoch = math.ceil(len(train_set) / config.batch_size)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=[lr * body_ratio, lr], total_steps=epochs * steps_per_epoch, pct_start=0.15
-    )
-    scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda")
-    generator = torch.Generator().manual_seed(config.seed)
-    pad = max(2, train_set.pixels.shape[1] // 16)
-    best_acc, best_state, stale, ran = -1.0, copy.deepcopy(model.state_dict()), 0, 0
-    saved = checkpoint.load() if checkpoint else None
-    resumed = 0
-    if saved is not None and saved["strategy"] == strategy and saved["epochs"] == epochs:
-        model.load_state_dict(saved["model"])
-        optimizer.load_state_dict(saved["optimizer"])
-        schedule.load_state_dict(saved["schedule"])
-        scaler.load_state_dict(saved["scaler"])
-        generator.set_state(saved["generator"])
-        torch.set_rng_state(saved["torch_rng"])
-        best_acc, best_state, stale, resumed = saved["best_acc"], saved["best_state"], saved["stale"], saved["epoch"]
-        ran = resumed
-    for epoch in range(resumed + 1, epochs + 1):
-        if stale >= patience:
-            break
-        model.train()
-        stages.keep_frozen_in_eval(frozen)
-        order = torch.randperm(len(train_set), generator=generator)
-        total = 0.0
-        for i in range(0, len(order), config.batch_size):
-            if should_stop():
-                raise Stopped(f"stopped at epoch {epoch} of {epochs}")
-            index = order[i : i + config.batch_size]
-            x = _augment(normalize(train_set.pixels[index]), generator, pad)
-            y = train_set.labels[index].to(device)
-            with torch.autocast("cuda", dtype=torch.float16, enabled=device.type == "cuda"):
-                loss = F.cross_entropy(model(x)[0], y)
-            optimizer.zero_grad(set_to_none=True)
-            torch.autograd.backward(scaler.scale(loss))
-            scaler.step(optimizer)
-            scaler.update()
-            schedule.step()
-            total += float(loss.detach()) * len(index)
-        logits, _ = _forward(model, val_set.pixels, normalize)
-        acc = float((logits.argmax(1) == val_set.labels).float().mean())
-        ran = epoch
-        report(epoch, epochs, total / len(train_set), acc)
-        if acc > best_acc:
-            best_acc, best_state, stale = acc, copy.deepcopy(model.state_dict()), 0
-        else:
-            stale += 1
-        if checkpoint:
-            checkpoint.save({
-                "strategy": strategy, "epochs": epochs, "epoch": epoch, "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(), "scaler": scaler.state_dict(),
-                "generator": generator.get_state(), "torch_rng": torch.get_rng_state(),
-                "best_acc": best_acc, "best_state": best_state, "stale": stale,
-            })  # fmt: skip
-    model.load_state_dict(best_state)
-    return ran, best_acc, resumed
+        run = start(resume, report)
+        self.state.pop("current", None)
+        if keep:
+            self.state["runs"][name] = run.summary()
+            if self.checkpoint:
+                self.checkpoint.save(self.state)
+        return run.summary() | {"model": run.model}
 
+    def save_current(self, name: str) -> Callable[[dict[str, Any]], None]:
+        def save(state: dict[str, Any]) -> None:
+            if self.checkpoint:
+                self.state["current"] = {"name": name, "state": state}
+                self.checkpoint.save(self.state)
 
-def _strategy_model(base: Base, strategy: str, classes: int, k: int) -> tuple[backbones.Classifier, list[nn.Module]]:
-    if strategy == FROM_SCRATCH:
-        model = backbones.build(base.arch, classes, image_size=base.preprocess.crop)
-        # torchvision's MobileNets and EfficientNets use BatchNorm momentum 0.01, tuned for long
-        # ImageNet runs: from random weights and a few hundred steps, the running statistics would
-        # lag far behind and evaluation would be at chance. 0.1 tracks them.
-        for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.momentum = 0.1
-        return model, []
-    model = copy.deepcopy(base.model)
-    model.head = nn.Linear(model.embedding_dim, classes)
-    if strategy == FREEZE_FIRST_K:
-        return model, stages.freeze_first(model, base.family, k)
-    return model, []
+        return save
 
 
 def train(
@@ -378,8 +245,8 @@ def train(
 ) -> TrainResult:
     """Adapt ``base`` to ``examples``; deterministic for a given seed on a given device and thread count.
 
-    With a ``checkpoint``, a run that was killed resumes from its last epoch; ``should_stop`` is
-    asked before every batch and raises :class:`Stopped` when it answers True.
+    With a ``checkpoint``, a killed run resumes where it was; ``should_stop`` is asked throughout
+    (between batches of every phase) and raises :class:`Stopped` when it answers True.
     """
     config = config or TrainConfig()
     if config.strategy not in STRATEGIES:
@@ -387,96 +254,200 @@ def train(
     if not 0 < config.target_precision < 1:
         raise InvalidArgument(f"target_precision={config.target_precision} must be between 0 and 1")
     data.check(examples)
-    started = time.monotonic()
     torch.manual_seed(config.seed)
     device = _device(config.device)
     normalize = backbones.Normalizer(base.preprocess, device)
-    train_set, val_set = data.split(examples, config.val_fraction, config.seed)
-    n_classes = len(examples.classes)
-    notify = progress or (lambda p: None)
+    n, n_classes = len(examples), len(examples.classes)
+    folds = data.folds(examples.labels, config.folds, config.seed)
+    key = f"{config.strategy}/{config.seed}/{config.epochs}/{config.learning_rate}/{len(folds)}/{n}/{base.name}"
+    job = _Job(config, key, progress or (lambda p: None), checkpoint, should_stop)
 
-    # The base's embeddings serve twice: to measure similarity and as feature extraction's cache.
+    # 1. The base's logits and embeddings: similarity, and feature extraction's cache.
     base.model.to(device)
-    _, train_emb = _forward(base.model, train_set.pixels, normalize)
-    _, val_emb = _forward(base.model, val_set.pixels, normalize)
-    similarity = measure_similarity(train_emb.numpy(), base.reference) if base.reference is not None else None
+    base_logits, embeddings = _embed(base.model, examples.pixels, normalize, job)
+    if base.reference is not None:
+        measured, measure = similarity(embeddings.numpy(), base.reference), "frechet"
+    else:
+        measured, measure = confidence_similarity(base_logits.numpy()), "confidence"
     n_stages = len(stages.stages(base.model, base.family))
-    decision = decide(config.strategy, len(examples), n_classes, similarity, n_stages, config.freeze_first_k)
+    decision = decide(config.strategy, n, n_classes, measured, measure, n_stages, config.freeze_first_k)
     if decision.chosen == FREEZE_FIRST_K and not 0 < decision.freeze_first_k <= n_stages:
         raise InvalidArgument(f"freeze_first_k={decision.freeze_first_k}: {base.arch} has {n_stages} stages")
 
-    def report(stage: str) -> Callable[[int, int, float, float], None]:
-        def call(epoch: int, epochs: int, loss: float, acc: float) -> None:
-            elapsed = time.monotonic() - started
-            fraction = epoch / epochs
-            notify(Progress(stage, epoch, epochs, loss, acc, fraction, elapsed / fraction * (1 - fraction)))
+    # 2. Cross-fitting: out-of-fold logits of feature extraction (cheap) and of the rule's choice.
+    deep = decision.chosen if decision.chosen != FEATURE_EXTRACTION else None
+    with_fe = deep is None or (config.strategy == AUTO and config.trial)
+    recipe = loop.recipe(deep, n - n // len(folds), config.epochs, config.learning_rate) if deep else None
+    job.planned = (recipe.steps * (len(folds) + 1) if recipe else 0) + 1
+    oof: dict[str, torch.Tensor] = {}
+    fe_penalty = head.PENALTIES[1]
+    if with_fe:
+        job.check()
+        fe_oof, fe_penalty = head.crossfit(embeddings, examples.labels, folds, n_classes, config.seed)
+        oof[FEATURE_EXTRACTION] = fe_oof
+        job.report(NAMES[FEATURE_EXTRACTION], 1, 1, accuracy=_accuracy(fe_oof, examples.labels))
+    best_step = 0
+    if deep and recipe:
+        oof[deep], best_step = _crossfit_deep(base, deep, decision.freeze_first_k, examples, folds, normalize, recipe,
+                                              config, job)  # fmt: skip
 
-        return call
+    # 3. AUTO's trial, paired on the same examples.
+    if len(oof) > 1 and deep:
+        _trial(decision, oof, examples.labels, deep)
 
-    # strategy -> (model, epochs run, validation logits); feature extraction reuses the cached
-    # embeddings everywhere, since its backbone is the base's: no further pass over the images.
-    candidates: dict[str, tuple[backbones.Classifier, int, torch.Tensor]] = {}
-    resumed_from = 0
-    if decision.chosen == FEATURE_EXTRACTION or (config.strategy == AUTO and config.trial):
-        head = _fit_head(train_emb, train_set.labels, val_emb, val_set.labels, n_classes, config.seed,
-                         config.learning_rate or 1e-2)  # fmt: skip
-        with torch.no_grad():
-            fe_logits = head(val_emb)
-        fe = copy.deepcopy(base.model)
-        fe.head = head.to(device)
-        candidates[FEATURE_EXTRACTION] = (fe, 1, fe_logits)
-        report(NAMES[FEATURE_EXTRACTION])(1, 1, 0.0, float((fe_logits.argmax(1) == val_set.labels).float().mean()))
-    if decision.chosen != FEATURE_EXTRACTION:
-        torch.manual_seed(config.seed)  # the same model as a run of this strategy alone, trial or not
-        model, frozen = _strategy_model(base, decision.chosen, n_classes, decision.freeze_first_k)
-        ran, _, resumed_from = _fit(
-            model, frozen, train_set, val_set, normalize, config, decision.chosen, report(NAMES[decision.chosen]),
-            checkpoint, should_stop,
-        )  # fmt: skip
-        candidates[decision.chosen] = (model, ran, _forward(model, val_set.pixels, normalize)[0])
+    # 4. The final model, on every example.
+    chosen = decision.chosen
+    if chosen == FEATURE_EXTRACTION:
+        model = copy.deepcopy(base.model).cpu()
+        model.head = head.fit(embeddings, examples.labels, n_classes, fe_penalty, config.seed)
+        arch, steps_run = base.arch, 0
+        final_embeddings = embeddings
+    else:
+        assert recipe is not None
+        arch, model, steps_run = _final_run(base, chosen, decision.freeze_first_k, examples, normalize, recipe,
+                                            best_step, config, job)  # fmt: skip
+        final_embeddings = loop.predict(model, examples.pixels, normalize)[1]
+        model = model.cpu().eval()
 
-    scores = {s: float((c[2].argmax(1) == val_set.labels).float().mean()) for s, c in candidates.items()}
-    if len(scores) > 1:
-        # The trial overrules the rule only by more than two standard errors of the validation
-        # accuracy: small validation splits are noisy, and a coin flip is no confirmation.
-        rule, alternative = scores[decision.chosen], scores[FEATURE_EXTRACTION]
-        margin = 2 * math.sqrt(max(rule * (1 - rule), 0.25 / len(val_set)) / len(val_set))
-        decision.trial = {NAMES[s]: a for s, a in scores.items()}
-        tried = f"{NAMES[decision.chosen]} {rule:.1%}, feature extraction {alternative:.1%}"
-        if alternative > rule + margin:
-            decision.reason += f"; the validation split clearly preferred feature extraction ({tried})"
-            decision.chosen = FEATURE_EXTRACTION
-        else:
-            decision.reason += f"; confirmed on the validation split ({tried})"
-    model, epochs_run, val_logits = candidates[decision.chosen]
-
-    temperature = calibration.fit_temperature(val_logits, val_set.labels)
-    confidence, predicted = torch.softmax(val_logits / temperature, 1).max(1)
-    threshold = calibration.threshold_for_precision(confidence, predicted == val_set.labels, config.target_precision)
-    final_emb = train_emb if decision.chosen == FEATURE_EXTRACTION else _forward(model, train_set.pixels, normalize)[1]
+    # 5. Calibration on the out-of-fold predictions.
+    logits = oof[chosen]
+    temperature = calibration.fit_temperature(logits, examples.labels)
+    confidence, predicted = torch.softmax(logits / temperature, 1).max(1)
+    correct = predicted == examples.labels
+    threshold = calibration.threshold_with_guarantee(confidence, correct, config.target_precision,
+                                                     1 - config.confidence)  # fmt: skip
+    accuracy = _accuracy(logits, examples.labels)
     metrics = {
-        "val_accuracy": scores[decision.chosen],
-        "val_examples": float(len(val_set)),
-        "train_examples": float(len(train_set)),
-        "epochs": float(epochs_run),
-        "train_seconds": time.monotonic() - started,
+        "val_accuracy": accuracy,  # out-of-fold: every example predicted by a model that did not train on it
+        "val_examples": float(n),
+        "folds": float(len(folds)),
+        "steps": float(steps_run),
+        "epochs": steps_run / max(1, math.ceil(n / (recipe.batch_size if recipe else 1))),
+        "train_seconds": time.monotonic() - job.started,
+        "similarity": measured,
         "temperature": temperature,
         "target_precision": config.target_precision,
+        "auto_accept_confidence": config.confidence,
         "auto_accept_coverage": threshold.coverage,
         "auto_accept_precision": threshold.precision,
+        "auto_accept_precision_bound": threshold.bound,
     }
-    if similarity is not None:
-        metrics["similarity"] = similarity
-    if resumed_from:
-        metrics["resumed_from_epoch"] = float(resumed_from)
+    if threshold.value is None:
+        needed = calibration.labels_needed(confidence, correct, config.target_precision, 1 - config.confidence)
+        metrics["auto_accept_labels_needed"] = float(needed) if needed else math.nan
+    if job.resumed_from:
+        metrics["resumed_from_step"] = float(job.resumed_from)
+    job.done = job.planned
+    job.report("done", 1, 1, accuracy=accuracy)
     return TrainResult(
-        model=model.cpu().eval(),
-        arch=base.arch,
+        model=model,
+        arch=arch,
         classes=examples.classes,
         preprocess=base.preprocess,
         decision=decision,
         metrics=metrics,
         temperature=temperature,
         threshold=threshold.value,
-        reference=reference_statistics(final_emb.numpy()),
+        reference=reference_statistics(final_embeddings.numpy()),
+        summary=_summary(accuracy, n, threshold, config, metrics.get("auto_accept_labels_needed")),
     )
+
+
+def _accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    return float((logits.argmax(1) == labels).float().mean())
+
+
+def _embed(model: backbones.Classifier, pixels: torch.Tensor, normalize: backbones.Normalizer, job: _Job,
+           batch: int = 256) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    logits, embeddings = [], []
+    for i in range(0, len(pixels), batch):
+        job.check()
+        out, emb = loop.predict(model, pixels[i : i + batch], normalize, batch)
+        logits.append(out)
+        embeddings.append(emb)
+    return torch.cat(logits), torch.cat(embeddings)
+
+
+def _crossfit_deep(base: Base, strategy: str, k: int, examples: data.Examples, folds: list[torch.Tensor],
+                   normalize: backbones.Normalizer, recipe: loop.Recipe, config: TrainConfig, job: _Job
+                   ) -> tuple[torch.Tensor, int]:  # fmt: skip
+    """Out-of-fold logits of ``strategy`` at the step where the folds' mean held-out loss is lowest."""
+    n_classes = len(examples.classes)
+    runs = []
+    for i, held in enumerate(folds):
+        inside = torch.ones(len(examples), dtype=torch.bool)
+        inside[held] = False
+        train_set, held_out = examples.subset(torch.nonzero(inside).flatten()), examples.subset(held)
+        stage = f"{NAMES[strategy]}, fold {i + 1} of {len(folds)}"
+
+        def start(resume: dict[str, Any] | None, report: Callable[..., None], seed: int = config.seed + i,
+                  train_set: data.Examples = train_set, held_out: data.Examples = held_out, name: str = f"fold{i}"
+                  ) -> loop.Run:  # fmt: skip
+            torch.manual_seed(seed)
+            model, frozen, _ = loop.strategy_model(base.model, base.arch, base.family, strategy, n_classes, k,
+                                                   base.preprocess.crop)  # fmt: skip
+            return loop.fit(model, frozen, train_set, held_out, normalize, recipe, seed,
+                            lambda s, loss, acc, speed: report(s, loss, acc, speed, recipe.steps), job.should_stop,
+                            resume=resume, save=job.save_current(name), save_every_s=job.save_every_s)  # fmt: skip
+
+        runs.append(job.run(f"fold{i}", stage, start))
+    # Runs that stopped early keep their last value for the evaluations they did not reach.
+    length = max(len(r["losses"]) for r in runs)
+    curves = torch.tensor([r["losses"] + [r["losses"][-1]] * (length - len(r["losses"])) for r in runs])
+    sizes = torch.tensor([float(len(f)) for f in folds])
+    best = int(torch.argmin((curves * sizes[:, None]).sum(0)))
+    oof = torch.zeros(len(examples), n_classes)
+    for r, held in zip(runs, folds, strict=True):
+        oof[held] = r["logits"][min(best, len(r["logits"]) - 1)]
+    return oof, recipe.eval_steps[best]
+
+
+def _final_run(base: Base, strategy: str, k: int, examples: data.Examples, normalize: backbones.Normalizer,
+               recipe: loop.Recipe, best_step: int, config: TrainConfig, job: _Job
+               ) -> tuple[str, backbones.Classifier, int]:  # fmt: skip
+    n_classes = len(examples.classes)
+    arch = base.arch
+
+    def start(resume: dict[str, Any] | None, report: Callable[..., None]) -> loop.Run:
+        nonlocal arch
+        torch.manual_seed(config.seed)
+        model, frozen, arch = loop.strategy_model(base.model, base.arch, base.family, strategy, n_classes, k,
+                                                  base.preprocess.crop)  # fmt: skip
+        return loop.fit(model, frozen, examples, None, normalize, recipe, config.seed,
+                        lambda s, loss, acc, speed: report(s, loss, acc, speed, best_step), job.should_stop,
+                        stop_at=best_step, resume=resume, save=job.save_current("final"),
+                        save_every_s=job.save_every_s)  # fmt: skip
+
+    summary = job.run("final", f"{NAMES[strategy]}, on every example", start, keep=False)
+    model: backbones.Classifier = summary["model"]
+    return arch, model, int(summary["steps_done"])
+
+
+def _trial(decision: Decision, oof: dict[str, torch.Tensor], labels: torch.Tensor, deep: str) -> None:
+    """Keep the rule's choice unless feature extraction is better by more than two paired standard errors."""
+    right = {s: (logits.argmax(1) == labels).float() for s, logits in oof.items()}
+    decision.trial = {NAMES[s]: float(r.mean()) for s, r in right.items()}
+    diff = right[FEATURE_EXTRACTION] - right[deep]
+    margin = 2 * float(diff.std()) / math.sqrt(len(diff)) if len(diff) > 1 else 0.0
+    tried = (f"{NAMES[deep]} {decision.trial[NAMES[deep]]:.1%}, feature extraction "
+             f"{decision.trial[NAMES[FEATURE_EXTRACTION]]:.1%} out of fold")  # fmt: skip
+    if float(diff.mean()) > margin:
+        decision.reason += f"; the paired trial clearly preferred feature extraction ({tried})"
+        decision.chosen = FEATURE_EXTRACTION
+    else:
+        decision.reason += f"; confirmed by a paired trial ({tried})"
+
+
+def _summary(accuracy: float, n: int, threshold: calibration.Threshold, config: TrainConfig,
+             needed: float | None) -> str:  # fmt: skip
+    text = f"cross-validated accuracy {accuracy:.1%} on {n} examples; "
+    if threshold.value is not None:
+        return text + (
+            f"auto-accept at confidence >= {threshold.value:.4g}: precision >= {config.target_precision:.0%} with "
+            f"{config.confidence:.0%} confidence (lower bound {threshold.bound:.1%}), covering {threshold.coverage:.0%}"
+        )
+    more = (f"about {int(needed)} labelled examples in all, at this accuracy, would enable it"
+            if needed and not math.isnan(needed) else "more labels alone will not enable it: the model is not yet "
+            "accurate enough at any confidence")  # fmt: skip
+    return text + (f"auto-accept is off: the evidence does not show {config.target_precision:.0%} precision with "
+                   f"{config.confidence:.0%} confidence at any threshold; {more}")  # fmt: skip

@@ -1,8 +1,10 @@
-"""How similar new images are to a model's pre-training data, measured on the backbone's embeddings.
+"""How similar new images are to a model's pre-training data: from its embeddings, or from its own classifier.
 
-A Fréchet distance between Gaussian fits of the two embedding sets (as in FID), normalised by their
-total variance so that it does not depend on the backbone's feature scale, and mapped to [0, 1]:
-1 means the same distribution, 0 means as far apart as the two sets are wide.
+With reference statistics of the pre-training data (``reference.npz``, stored with a version):
+a Fréchet distance between Gaussian fits of the two embedding sets (as in FID), normalised by
+their total variance so that it does not depend on the backbone's feature scale, and mapped to
+[0, 1]: 1 means the same distribution, 0 means as far apart as the two sets are wide. Without
+them (ImageNet weights from a file, say): :func:`confidence_similarity`.
 """
 
 from __future__ import annotations
@@ -46,3 +48,21 @@ def similarity(embeddings: npt.NDArray[Any], reference: dict[str, npt.NDArray[An
         distance = float(diff @ diff) + trace_new + float(np.trace(ref_cov)) - 2.0 * root_trace
     scale = trace_new + float(np.trace(ref_cov))
     return float(np.clip(1.0 - distance / max(scale, 1e-12), 0.0, 1.0))
+
+
+def confidence_similarity(logits: npt.NDArray[Any]) -> float:
+    """Similarity in [0, 1] from the base model's own classifier, for bases without reference statistics.
+
+    An out-of-distribution score (as in Hendrycks and Gimpel's maximum softmax probability, here
+    the entropy of the whole prediction): on images like its pre-training data a classifier is
+    confident, on foreign ones its predictions spread out. 1 minus the mean entropy of the
+    softmax, as a share of the largest possible (log of the number of classes), so that bases
+    with 10 or 1,000 classes are on one scale. Needs nothing but the base's head, which every
+    version keeps (ImageNet weights from a file included).
+    """
+    x = logits.astype(np.float64)
+    x = x - x.max(axis=1, keepdims=True)
+    p = np.exp(x)
+    p /= p.sum(axis=1, keepdims=True)
+    entropy = -(p * np.log(np.clip(p, 1e-12, None))).sum(axis=1)
+    return float(np.clip(1.0 - entropy.mean() / np.log(logits.shape[1]), 0.0, 1.0))

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 import shutil
 import signal
@@ -159,22 +160,18 @@ class Trainer:
             device=self.settings.trainer_device,
         )
 
-        trained = round(len(examples) * (1 - config.val_fraction))  # the training split
-        last = time.monotonic()
-
         def progress(p: engine.Progress) -> None:
-            nonlocal last
-            now = time.monotonic()
-            metrics.EPOCHS.inc()
-            metrics.TRAINING_SPEED.set(trained / max(now - last, 1e-6))
+            metrics.TRAINING_STEPS.inc(p.new_steps)
+            if not math.isnan(p.images_per_s):
+                metrics.TRAINING_SPEED.set(p.images_per_s)
             metrics.LAST_PROGRESS.set(time.time())
-            last = now
             heartbeat.report(0.05 + 0.85 * p.fraction, p.message)
 
         def should_stop() -> bool:
             return self.stopping.is_set() or not heartbeat.go_on
 
-        checkpoint = engine.Checkpoint(self.settings.checkpoints / check_job_id(job.id) / "training.pt")
+        checkpoint = engine.Checkpoint(self.settings.checkpoints / check_job_id(job.id) / "training.pt",
+                                       self.settings.checkpoint_every_s)  # fmt: skip
         result = engine.train(base, examples, config, progress, checkpoint, should_stop)
         heartbeat.report(0.9, f"publishing a new version of {spec['output_model']!r}")
         published = time.monotonic()
@@ -190,6 +187,7 @@ class Trainer:
                 "model_version": str(version),
                 "chosen_strategy": result.decision.chosen,
                 "strategy_reason": result.decision.reason,
+                "summary": result.summary,
             },
             result.metrics,
         )

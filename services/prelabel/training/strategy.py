@@ -1,0 +1,68 @@
+"""The four transfer-learning strategies, and AUTO's rule for choosing among them.
+
+The rule follows the four cases of transfer learning: the dataset's size (labelled examples per
+class) against its similarity to the base model's pre-training data, *measured*
+(training/similarity.py). Its boundaries were set on the tuning tasks of
+``bench/label_efficiency.py`` only; the held-out tasks there check them. The engine then confirms
+the rule's choice against feature extraction on out-of-fold predictions of the same examples.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+AUTO = "STRATEGY_AUTO"
+FEATURE_EXTRACTION = "STRATEGY_FEATURE_EXTRACTION"
+FREEZE_FIRST_K = "STRATEGY_FREEZE_FIRST_K"
+FULL_FINE_TUNE = "STRATEGY_FULL_FINE_TUNE"
+FROM_SCRATCH = "STRATEGY_FROM_SCRATCH"
+STRATEGIES = (AUTO, FEATURE_EXTRACTION, FREEZE_FIRST_K, FULL_FINE_TUNE, FROM_SCRATCH)
+NAMES = {
+    FEATURE_EXTRACTION: "feature extraction",
+    FREEZE_FIRST_K: "freeze the first k stages",
+    FULL_FINE_TUNE: "full fine-tuning",
+    FROM_SCRATCH: "training from scratch",
+}
+
+# Below this many examples per class a dataset is "small".
+SMALL_PER_CLASS = 20
+# At or above this similarity the new images are "like" the pre-training data; one boundary per
+# measure (training/similarity.py), since the two measures have different scales.
+HIGH_SIMILARITY = {"frechet": 0.5, "confidence": 0.5}
+
+
+@dataclass
+class Decision:
+    requested: str
+    chosen: str
+    reason: str
+    examples: int
+    per_class: float
+    similarity: float
+    measure: str = ""  # how similarity was measured: frechet | confidence
+    freeze_first_k: int = 0
+    trial: dict[str, float] = field(default_factory=dict)  # strategy name -> out-of-fold accuracy
+
+
+def decide(
+    requested: str, examples: int, classes: int, similarity: float, measure: str, n_stages: int,
+    freeze_first_k: int,
+) -> Decision:  # fmt: skip
+    per_class = examples / classes
+    k = freeze_first_k or n_stages // 2
+    if requested != AUTO:
+        reason = f"{NAMES[requested]}, as requested"
+        return Decision(requested, requested, reason, examples, per_class, similarity, measure, k)
+    small = per_class < SMALL_PER_CLASS
+    high = similarity >= HIGH_SIMILARITY[measure]
+    if small and high:
+        chosen, why = FEATURE_EXTRACTION, "few examples of similar images: a new head on the frozen backbone"
+    elif small:
+        chosen, why = FREEZE_FIRST_K, f"few examples of different images: keep the first {k} stages' generic features"
+    elif high:
+        chosen, why = FULL_FINE_TUNE, "many examples of similar images: adapt every layer from the pre-trained start"
+    else:
+        chosen, why = FROM_SCRATCH, "many examples of different images: learn features for them from scratch"
+    measured = f"{measure} similarity {similarity:.2f}"
+    reason = f"{examples} examples, {per_class:.0f} per class, {measured}: {NAMES[chosen]} ({why})"
+    return Decision(requested, chosen, reason, examples, per_class, similarity, measure, k)
