@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import subprocess
 import threading
 
 import grpc
+import numpy as np
 import pytest
 
 from prelabel.datasets import shapes
@@ -31,6 +33,11 @@ def accuracy(response: pb.PredictResponse, truth: list[str]) -> float:
     return sum(p.labels[0].name == t for p, t in zip(response.predictions, truth, strict=True)) / len(truth)
 
 
+def auto_accepted(response: pb.PredictResponse, threshold: float | None) -> list[bool]:
+    """What auto_accept must be: the calibrated top score at or above the version's threshold."""
+    return [threshold is not None and p.labels[0].score >= threshold - 1e-6 for p in response.predictions]
+
+
 def test_published_versions_are_served_and_swapped_without_errors(stack, channel, predict_stub):
     repository = repository_for(Settings(data_dir=stack.data_dir))
     base = engine.load_base(repository, "prelabel-base")
@@ -43,7 +50,14 @@ def test_published_versions_are_served_and_swapped_without_errors(stack, channel
     test_images, truth = held_out(42)
     response = predict_stub.Predict(request(test_images, model="novel-shapes"), timeout=60)
     assert response.version == "1" and accuracy(response, truth) > 0.6
-    assert any(p.auto_accept for p in response.predictions)  # calibrated threshold in use
+    assert auto_accepted(response, first.threshold) == [p.auto_accept for p in response.predictions]
+    # The same model with a threshold it would need more labels to earn: Predict applies it.
+    forced = dataclasses.replace(first, threshold=float(np.median([p.labels[0].score for p in response.predictions])))
+    assert publish(repository, "novel-shapes-forced", forced, base) == 1
+    assert asyncio.run(load_into_triton(stack.triton_url, "novel-shapes-forced"))
+    again = predict_stub.Predict(request(test_images, model="novel-shapes-forced"), timeout=60)
+    assert auto_accepted(again, forced.threshold) == [p.auto_accept for p in again.predictions]
+    assert 0 < sum(p.auto_accept for p in again.predictions) < len(test_images)
 
     # Version 2 arrives while clients keep calling: no call fails, and the newest ready version wins.
     errors: list[grpc.RpcError] = []

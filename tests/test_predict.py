@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import subprocess
 import threading
 import urllib.request
@@ -67,9 +66,9 @@ def test_corrupt_and_oversized_images_get_per_image_errors(predict_stub, labelle
 
 def test_embedding_top_k_and_explicit_version(predict_stub, labelled_images):
     image = [(labelled_images[0][0], labelled_images[0][1])]
-    response = predict_stub.Predict(request(image, top_k=300, include_embedding=True, version="1"), timeout=60)
+    response = predict_stub.Predict(request(image, top_k=100, include_embedding=True, version="1"), timeout=60)
     p = response.predictions[0]
-    assert len(p.labels) == len(formulas.CLASSES)  # top_k is capped at the number of classes
+    assert len(p.labels) == 100 < len(formulas.CLASSES)
     assert len(p.embedding) == 512 and any(v != 0 for v in p.embedding)
     again = predict_stub.Predict(request(image, include_embedding=True), timeout=60).predictions[0]
     assert len(again.labels) == 5  # default top_k
@@ -172,7 +171,7 @@ def test_models_and_health_and_reflection(channel, stack):
     model = next(m for m in models.models if m.name == "prelabel-base")  # other tests may publish more
     assert model.default_version == "1"
     (version,) = model.versions
-    assert version.ready and version.architecture == "mobilenet_v3_small"
+    assert version.ready and version.architecture == "resnet18"
     assert list(version.labels) == list(formulas.CLASSES) and version.created_at.seconds > 0
     assert rpc.ModelServiceStub(channel).GetModel(pb.GetModelRequest(name="prelabel-base"), timeout=10) == model
     with pytest.raises(grpc.RpcError) as err:
@@ -258,6 +257,7 @@ def test_cli_predict_folder_and_models(stack, labelled_images, tmp_path):
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(rows) == 16
     truth = {i: label for i, _, label in labelled_images}
+    right = 0
     for row in rows:
         name = row["path"].rsplit("/", 1)[1]
         if name == "broken.png":
@@ -269,15 +269,16 @@ def test_cli_predict_folder_and_models(stack, labelled_images, tmp_path):
             )
             continue
         assert len(row["labels"]) == 2 and set(row["uncertainty"]) == {"entropy", "margin", "least_confidence"}
-        assert row["labels"][0]["name"] == truth[name.rsplit(".", 1)[0]]
-        assert math.isclose(sum(label["score"] for label in row["labels"]), 1.0, abs_tol=0.2)
+        right += row["labels"][0]["name"] == truth[name.rsplit(".", 1)[0]]
+        assert 0 < sum(label["score"] for label in row["labels"]) <= 1.0001
+    assert right >= 6  # of 12; the base has 256 classes (chance: 1/256)
     listing = subprocess.run(
         [PRELABEL, "models", "--server", stack.address], capture_output=True, text=True, timeout=60
     )
     assert (
         listing.returncode == 0
         and "prelabel-base (default)" in listing.stdout
-        and "mobilenet_v3_small" in listing.stdout
+        and "resnet18" in listing.stdout
     )
 
 

@@ -34,10 +34,11 @@ def ensure_default_model(repository: ModelRepository, name: str, spec: str) -> N
     if spec == "builtin":
         _install_builtin(repository, name)
         log.info(
-            "serving Prelabel's built-in base model %r (%s pre-trained on generated shapes; labels: %s); %s",
+            "serving Prelabel's built-in base model %r (%s pre-trained on generated images, %d classes of "
+            "Prelabel Formulas: fine-tune it on your labels); %s",
             name,
             base.ARCH,
-            ", ".join(base.files().read_card()["labels"]),
+            len(base.files().read_card()["labels"]),
             IMAGENET_HINT,
         )
         return
@@ -60,7 +61,7 @@ def _install_builtin(repository: ModelRepository, name: str) -> None:
         arch=card_data["arch"],
         labels=list(card_data["labels"]),
         preprocess=files.preprocess,
-        base_model=f"{card_data['arch']} pre-trained on Prelabel Shapes",
+        base_model=f"{card_data['arch']} pre-trained on Prelabel Formulas",
         metrics={"pretraining_heldout_accuracy": float(card_data["pretraining"]["heldout_accuracy"])},
     )
 

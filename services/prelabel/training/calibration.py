@@ -122,7 +122,7 @@ def labels_needed(confidence: torch.Tensor, correct: torch.Tensor, target: float
         precision, coverage = float(correct[above].float().mean()), trials / n
         if precision <= target:
             continue
-        total = n
+        total = math.ceil(n * 1.25)  # at n itself the fixed sequence already stopped above this threshold
         while total < 1_000_000:
             m = max(1, round(coverage * total))
             if lower_bound(math.floor(precision * m), m, delta) >= target:

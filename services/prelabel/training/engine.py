@@ -173,9 +173,10 @@ def _device(name: str) -> torch.device:
 class _Job:
     """Progress across the whole job, and the checkpoint of its runs."""
 
-    def __init__(self, config: TrainConfig, key: str, notify: ProgressCallback, checkpoint: Checkpoint | None,
-                 should_stop: Callable[[], bool]) -> None:  # fmt: skip
-        self.notify, self.checkpoint, self.should_stop = notify, checkpoint, should_stop
+    def __init__(self, key: str, notify: ProgressCallback, checkpoint: Checkpoint | None,
+                 should_stop: Callable[[], bool], save_on_stop: Callable[[], bool]) -> None:  # fmt: skip
+        self.notify, self.checkpoint = notify, checkpoint
+        self.should_stop, self.save_on_stop = should_stop, save_on_stop
         self.started = time.monotonic()
         saved = checkpoint.load() if checkpoint else None
         self.state: dict[str, Any] = saved if saved and saved.get("key") == key else {"key": key, "runs": {}}
@@ -242,11 +243,14 @@ def train(
     progress: ProgressCallback | None = None,
     checkpoint: Checkpoint | None = None,
     should_stop: Callable[[], bool] = lambda: False,
+    save_on_stop: Callable[[], bool] = lambda: True,
 ) -> TrainResult:
     """Adapt ``base`` to ``examples``; deterministic for a given seed on a given device and thread count.
 
     With a ``checkpoint``, a killed run resumes where it was; ``should_stop`` is asked throughout
-    (between batches of every phase) and raises :class:`Stopped` when it answers True.
+    (between batches of every phase) and raises :class:`Stopped` when it answers True, after saving
+    the run's state if ``save_on_stop`` answers True (a worker handing its job back: yes; a
+    cancelled job: no, nothing will resume it).
     """
     config = config or TrainConfig()
     if config.strategy not in STRATEGIES:
@@ -260,7 +264,7 @@ def train(
     n, n_classes = len(examples), len(examples.classes)
     folds = data.folds(examples.labels, config.folds, config.seed)
     key = f"{config.strategy}/{config.seed}/{config.epochs}/{config.learning_rate}/{len(folds)}/{n}/{base.name}"
-    job = _Job(config, key, progress or (lambda p: None), checkpoint, should_stop)
+    job = _Job(key, progress or (lambda p: None), checkpoint, should_stop, save_on_stop)
 
     # 1. The base's logits and embeddings: similarity, and feature extraction's cache.
     base.model.to(device)
@@ -388,7 +392,8 @@ def _crossfit_deep(base: Base, strategy: str, k: int, examples: data.Examples, f
                                                    base.preprocess.crop)  # fmt: skip
             return loop.fit(model, frozen, train_set, held_out, normalize, recipe, seed,
                             lambda s, loss, acc, speed: report(s, loss, acc, speed, recipe.steps), job.should_stop,
-                            resume=resume, save=job.save_current(name), save_every_s=job.save_every_s)  # fmt: skip
+                            job.save_on_stop, resume=resume, save=job.save_current(name),
+                            save_every_s=job.save_every_s)  # fmt: skip
 
         runs.append(job.run(f"fold{i}", stage, start))
     # Runs that stopped early keep their last value for the evaluations they did not reach.
@@ -415,7 +420,7 @@ def _final_run(base: Base, strategy: str, k: int, examples: data.Examples, norma
                                                   base.preprocess.crop)  # fmt: skip
         return loop.fit(model, frozen, examples, None, normalize, recipe, config.seed,
                         lambda s, loss, acc, speed: report(s, loss, acc, speed, best_step), job.should_stop,
-                        stop_at=best_step, resume=resume, save=job.save_current("final"),
+                        job.save_on_stop, stop_at=best_step, resume=resume, save=job.save_current("final"),
                         save_every_s=job.save_every_s)  # fmt: skip
 
     summary = job.run("final", f"{NAMES[strategy]}, on every example", start, keep=False)

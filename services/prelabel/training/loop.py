@@ -31,6 +31,7 @@ from prelabel.training.strategy import FREEZE_FIRST_K, FROM_SCRATCH, FULL_FINE_T
 EPOCHS = 40  # of the training set, when the bounds below allow
 MIN_STEPS, MAX_STEPS = 150, 1500
 EVALS = 20  # held-out evaluations per run
+REPORT_EVERY_S = 1.0  # progress between evaluations too: a job's heartbeat (and a cancel) rides on it
 # (peak learning rate of the head, the backbone's as a share of it)
 RATES = {FREEZE_FIRST_K: (2e-3, 0.5), FULL_FINE_TUNE: (2e-3, 0.2), FROM_SCRATCH: (2e-3, 1.0)}
 
@@ -122,6 +123,7 @@ def fit(
     seed: int,
     report: Report,
     should_stop: Callable[[], bool],
+    save_on_stop: Callable[[], bool] = lambda: True,
     stop_at: int | None = None,
     resume: dict[str, Any] | None = None,
     save: Callable[[dict[str, Any]], None] | None = None,
@@ -131,7 +133,7 @@ def fit(
 
     With ``held_out``, the loss and logits on it are recorded at each evaluation step, and the run
     may stop early. ``save`` receives the whole state at most every ``save_every_s`` seconds and
-    when stopped; ``resume`` is such a state.
+    when stopped (if ``save_on_stop`` says so: not for a cancelled job); ``resume`` is such a state.
     """
     device = normalize.device
     model.to(device)
@@ -171,7 +173,7 @@ def fit(
     stages.keep_frozen_in_eval(frozen)
     while run.steps_done < end:
         if should_stop():
-            if save:
+            if save and save_on_stop():
                 save(state())
             raise Stopped(f"stopped at step {run.steps_done} of {end}")
         if cursor + recipe.batch_size > len(order):
@@ -189,7 +191,11 @@ def fit(
         schedule.step()
         run.steps_done += 1
         total, seen = total + float(loss.detach()) * len(index), seen + len(index)
-        if run.steps_done in evals or run.steps_done == end:
+        evaluate = run.steps_done in evals or run.steps_done == end
+        if not evaluate and time.monotonic() - since >= REPORT_EVERY_S:
+            report(run.steps_done, total / seen, math.nan, seen / (time.monotonic() - since))
+            total, seen, since = 0.0, 0, time.monotonic()
+        if evaluate:
             accuracy = math.nan
             if held_out is not None:
                 logits, _ = predict(model, held_out.pixels, normalize)
@@ -203,9 +209,9 @@ def fit(
             total, seen, since = 0.0, 0, time.monotonic()
             if held_out is not None and _stale(run.losses):
                 break
-            if save and time.monotonic() - last_save >= save_every_s:
-                save(state())
-                last_save = time.monotonic()
+        if save and time.monotonic() - last_save >= save_every_s:
+            save(state())
+            last_save = time.monotonic()
     model.eval()
     return run
 

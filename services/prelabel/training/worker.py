@@ -172,7 +172,8 @@ class Trainer:
 
         checkpoint = engine.Checkpoint(self.settings.checkpoints / check_job_id(job.id) / "training.pt",
                                        self.settings.checkpoint_every_s)  # fmt: skip
-        result = engine.train(base, examples, config, progress, checkpoint, should_stop)
+        result = engine.train(base, examples, config, progress, checkpoint, should_stop,
+                              save_on_stop=self.stopping.is_set)  # fmt: skip
         heartbeat.report(0.9, f"publishing a new version of {spec['output_model']!r}")
         published = time.monotonic()
         version = publish(self.repository, spec["output_model"], result, base, job.id)
