@@ -117,6 +117,7 @@ def baseline_resnet18(train: list[Image.Image], y: list[str], test: list[Image.I
                       seed: int, epochs: int = 40) -> float:  # fmt: skip
     """A textbook ResNet-18 from random weights: padded random crops and flips, AdamW, one-cycle."""
     torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
     preprocess = Preprocess(resize=size, crop=size)
     train_set = data.from_images(train, y, preprocess)
     test_set = data.from_images(test, ty, preprocess)
@@ -133,9 +134,9 @@ def baseline_resnet18(train: list[Image.Image], y: list[str], test: list[Image.I
         for i in range(0, len(order), batch):
             index = order[i : i + batch]
             x = F.pad(normalize(train_set.pixels[index]), (pad,) * 4, mode="reflect")
-            dy, dx = np.random.randint(0, 2 * pad + 1, 2)
+            dy, dx = rng.integers(0, 2 * pad + 1, 2)
             x = x[:, :, dy : dy + size, dx : dx + size]
-            if np.random.rand() < 0.5:
+            if rng.uniform() < 0.5:
                 x = x.flip(3)
             loss = F.cross_entropy(model(x)[0], train_set.labels[index].to(x.device))
             optimizer.zero_grad()

@@ -268,7 +268,7 @@ def train(
 
     # 1. The base's logits and embeddings: similarity, and feature extraction's cache.
     base.model.to(device)
-    base_logits, embeddings = _embed(base.model, examples.pixels, normalize, job)
+    base_logits, embeddings = loop.predict(base.model, examples.pixels, normalize, check=job.check)
     if base.reference is not None:
         measured, measure = similarity(embeddings.numpy(), base.reference), "frechet"
     else:
@@ -359,17 +359,6 @@ def train(
 
 def _accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
     return float((logits.argmax(1) == labels).float().mean())
-
-
-def _embed(model: backbones.Classifier, pixels: torch.Tensor, normalize: backbones.Normalizer, job: _Job,
-           batch: int = 256) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-    logits, embeddings = [], []
-    for i in range(0, len(pixels), batch):
-        job.check()
-        out, emb = loop.predict(model, pixels[i : i + batch], normalize, batch)
-        logits.append(out)
-        embeddings.append(emb)
-    return torch.cat(logits), torch.cat(embeddings)
 
 
 def _crossfit_deep(base: Base, strategy: str, k: int, examples: data.Examples, folds: list[torch.Tensor],

@@ -93,12 +93,13 @@ Report = Callable[[int, float, float, float], None]  # step, training loss, held
 
 
 @torch.no_grad()
-def predict(model: backbones.Classifier, pixels: torch.Tensor, normalize: backbones.Normalizer, batch: int = 256
-            ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-    """(logits, embeddings) in eval mode, on the CPU."""
+def predict(model: backbones.Classifier, pixels: torch.Tensor, normalize: backbones.Normalizer, batch: int = 256,
+            check: Callable[[], None] = lambda: None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """(logits, embeddings) in eval mode, on the CPU; ``check`` runs before each batch (it may raise Stopped)."""
     model.eval()
     logits, embeddings = [], []
     for i in range(0, len(pixels), batch):
+        check()
         with torch.autocast("cuda", dtype=torch.float16, enabled=normalize.device.type == "cuda"):
             out, emb = model(normalize(pixels[i : i + batch]))
         logits.append(out.float().cpu())
