@@ -32,6 +32,24 @@ def test_every_architecture_splits_into_body_and_head(arch):
     assert preprocess.crop == 224 and len(preprocess.mean) == 3
 
 
+def test_stage_pooling_reads_every_stage_of_a_resnet():
+    """The ``stages`` embedding: each stage's global average, the last stage's equal to the plain body's."""
+    plain = backbones.build("resnet18", 3).eval()
+    pooled = backbones.pooled_by_stage(plain, "resnet", 3)
+    assert pooled is not None and pooled.pooling == "stages" and pooled.embedding_dim == 64 + 128 + 256 + 512
+    x = torch.randn(2, 3, 64, 64)
+    with torch.inference_mode():
+        logits, embedding = pooled(x)
+        torch.testing.assert_close(embedding[:, -512:], plain(x)[1])
+    assert logits.shape == (2, 3)
+    assert backbones.build("resnet50", 3, pooling="stages").embedding_dim == 256 + 512 + 1024 + 2048
+    assert backbones.pooled_by_stage(backbones.build("mobilenet_v3_small", 3), "mobilenet", 3) is None
+    with pytest.raises(InvalidArgument, match="needs a ResNet"):
+        backbones.build("mobilenet_v3_small", 3, pooling="stages")
+    with pytest.raises(InvalidArgument, match="unknown pooling"):
+        backbones.build("resnet18", 3, pooling="max")
+
+
 def test_unknown_architecture():
     with pytest.raises(InvalidArgument, match="resnet18"):
         backbones.build("alexnet", 2)

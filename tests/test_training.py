@@ -204,7 +204,9 @@ def test_each_strategy_trains(base, strategy_name):
     if strategy_name != engine.FEATURE_EXTRACTION:
         assert any("fold 2 of 3" in p.message and "loss" in p.message for p in seen)
         assert any("on every example" in p.stage for p in seen)
-    if strategy_name == engine.FEATURE_EXTRACTION:
+    if strategy_name == engine.FEATURE_EXTRACTION:  # a head on every stage of the frozen ResNet
+        assert result.model.pooling == "stages" and result.model.embedding_dim == 960
+        assert result.reference is not None and result.reference["mean"].shape == (960,)
         assert all(
             torch.equal(a, b) for a, b in zip(result.model.body.parameters(), base.model.body.parameters(), strict=True)
         )
@@ -235,12 +237,13 @@ def test_the_trial_is_paired_on_the_same_examples():
     worse[:12] = worse[:12].flip(1)  # wrong on 12 of 100 examples that the other gets right
     d = strategy.Decision(engine.AUTO, engine.FULL_FINE_TUNE, "rule", 100, 50, 0.3, "frechet")
     engine._trial(d, {engine.FEATURE_EXTRACTION: good, engine.FULL_FINE_TUNE: worse}, labels, engine.FULL_FINE_TUNE)
-    assert d.chosen == engine.FEATURE_EXTRACTION and "paired trial clearly preferred" in d.reason
-    close = good.clone()
-    close[:2] = close[:2].flip(1)
+    assert d.chosen == engine.FEATURE_EXTRACTION and "paired trial preferred" in d.reason and "+12.0%" in d.reason
     d = strategy.Decision(engine.AUTO, engine.FULL_FINE_TUNE, "rule", 100, 50, 0.3, "frechet")
-    engine._trial(d, {engine.FEATURE_EXTRACTION: good, engine.FULL_FINE_TUNE: close}, labels, engine.FULL_FINE_TUNE)
+    engine._trial(d, {engine.FEATURE_EXTRACTION: worse, engine.FULL_FINE_TUNE: good}, labels, engine.FULL_FINE_TUNE)
     assert d.chosen == engine.FULL_FINE_TUNE and "confirmed" in d.reason
+    d = strategy.Decision(engine.AUTO, engine.FULL_FINE_TUNE, "rule", 100, 50, 0.3, "frechet")
+    engine._trial(d, {engine.FEATURE_EXTRACTION: good, engine.FULL_FINE_TUNE: good}, labels, engine.FULL_FINE_TUNE)
+    assert d.chosen == engine.FULL_FINE_TUNE, "a tie keeps the rule's choice"
 
 
 def test_feature_extraction_head_chooses_its_penalty_out_of_fold():
@@ -265,6 +268,7 @@ def test_fine_tuned_model_beats_the_base_on_a_shifted_domain(base, repository):
     test_images, test_labels = shapes.sample(200, 64, 32)
     blobs = [png(shifted(im)) for im in test_images]
     tuned = Runner(repository.version_dir("shifted", version))
+    assert tuned.card.pooling == "stages" and tuned.run(blobs[:2]).embeddings.shape == (2, 960)
     predicted = [tuned.card.labels[i] for i in tuned.run(blobs).probabilities.argmax(1)]
     accuracy = np.mean([p == classes[t] for p, t in zip(predicted, test_labels, strict=True)])
     assert accuracy > 0.5, accuracy  # ten classes: chance is 0.1

@@ -31,7 +31,7 @@ class Runner:
     def __init__(self, version_dir: Path, device: str = "cpu") -> None:
         self.card = VersionCard.from_json((version_dir / "card.json").read_text())
         self.device = torch.device(device)
-        model = backbones.build(self.card.arch, len(self.card.labels), image_size=self.card.preprocess.crop)
+        model = backbones.build(self.card.arch, len(self.card.labels), self.card.preprocess.crop, self.card.pooling)
         backbones.load_state(model, version_dir / "weights.pt")
         model.eval().to(self.device)
         if self.device.type == "cuda":

@@ -38,12 +38,14 @@ def publish(repository: ModelRepository, name: str, result: TrainResult, base: B
         metrics=result.metrics,
         temperature=result.temperature,
         auto_accept_threshold=result.threshold,
+        pooling=result.model.pooling,
         extra={"decision": dataclasses.asdict(result.decision), **({"job_id": job_id} if job_id else {})},
     )
 
     def write(folder: Path) -> None:
         torch.save(result.model.state_dict(), folder / "weights.pt")
-        np.savez_compressed(folder / "reference.npz", **result.reference)
+        if result.reference is not None:
+            np.savez_compressed(folder / "reference.npz", **result.reference)
 
     version = repository.add_version(name, card, write)
     log.info("published %s version %d (%s)", name, version, result.decision.reason)

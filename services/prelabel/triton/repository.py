@@ -78,6 +78,7 @@ class VersionCard:
     # Temperature for calibrated probabilities and the auto-accept threshold on them (None: never).
     temperature: float = 1.0
     auto_accept_threshold: float | None = None
+    pooling: str = "last"  # what the embedding is (models/backbones.py)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> str:
