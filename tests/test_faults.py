@@ -15,6 +15,7 @@ import pytest
 from grpc_health.v1 import health_pb2
 from PIL import Image, ImageDraw
 
+from prelabel import processes
 from prelabel.datasets import shapes
 from prelabel.v1 import prelabel_pb2_grpc as rpc
 from tests.conftest import encode, request
@@ -62,6 +63,61 @@ def test_health_follows_triton_and_supervisor_restarts_it(tmp_path):
         assert "Triton exited unexpectedly (code -9); restarting" in log
         assert (tmp_path / "logs" / "triton.log").read_text().count("prelabel: Triton started") == 2
     finally:
+        assert stack.stop() == 0
+
+
+@pytest.mark.timeout(600)
+def test_triton_killed_under_load_comes_back_every_time_and_leaves_nothing_behind(tmp_path):
+    """kill -9 of tritonserver while clients call Predict, three times: its python-backend stubs
+    (orphaned, holding its pipes, memory and /dev/shm) must not keep the supervisor from seeing the
+    exit, and the gateway must serve again within seconds of Triton being back."""
+    stack = Stack.serve(tmp_path)
+    stop = threading.Event()
+    outcomes: list[str] = []
+
+    def client() -> None:
+        with grpc.insecure_channel(stack.address) as channel:
+            predict = rpc.PredictionServiceStub(channel).Predict
+            while not stop.is_set():
+                try:
+                    predict(request(photos(16, 384)), timeout=10)
+                    outcomes.append("OK")
+                except grpc.RpcError as exc:
+                    outcomes.append(exc.code().name)
+                    time.sleep(0.05)
+
+    try:
+        wait_for_health(stack.address)
+        threads = [threading.Thread(target=client, daemon=True) for _ in range(3)]
+        for t in threads:
+            t.start()
+        for round_ in range(3):
+            time.sleep(2)  # calls in flight
+            (triton,) = children(stack.process.popen.pid, "tritonserver")
+            group = processes.group_members(triton)
+            stubs = [pid for pid in group if pid != triton]
+            regions = processes.shared_memory_of(group)
+            assert stubs and regions, "the python backend runs a stub with shared memory"
+            before = len(outcomes)
+            killed = time.monotonic()
+            os.kill(triton, signal.SIGKILL)
+            wait_for_health(stack.address, NOT_SERVING, timeout=30)
+            wait_for_health(stack.address, timeout=120)
+            recovered = time.monotonic() - killed
+            assert recovered < 60, f"round {round_}: SERVING again only after {recovered:.0f}s"
+            assert processes.group_members(triton) == [], f"round {round_}: orphans of the killed Triton remain"
+            assert not [r for r in regions if r.exists()], f"round {round_}: /dev/shm regions leaked"
+            deadline = time.monotonic() + 30
+            while "OK" not in outcomes[before:] and time.monotonic() < deadline:
+                time.sleep(0.2)
+            assert "OK" in outcomes[before:], f"round {round_}: no call succeeded after the restart"
+        stop.set()
+        for t in threads:
+            t.join(30)
+        assert set(outcomes) <= {"OK", "UNAVAILABLE", "DEADLINE_EXCEEDED"}, set(outcomes)
+        assert stack.process.log().count("Triton exited unexpectedly (code -9)") == 3
+    finally:
+        stop.set()
         assert stack.stop() == 0
 
 

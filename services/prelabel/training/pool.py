@@ -15,8 +15,8 @@ import signal
 import sys
 import time
 
+from prelabel.processes import Backoff, die_with_parent, kill_group, wait_exit
 from prelabel.settings import Settings
-from prelabel.triton.supervisor import die_with_parent
 
 log = logging.getLogger("prelabel.trainer")
 
@@ -48,7 +48,7 @@ class TrainerPool:
             self._tasks.append(asyncio.create_task(self._keep_running(n), name=f"trainer-{n}"))
 
     async def _keep_running(self, n: int) -> None:
-        backoff = 1.0
+        backoff = Backoff()
         while not self._stopping:
             started = time.monotonic()
             process = await asyncio.create_subprocess_exec(
@@ -58,12 +58,13 @@ class TrainerPool:
             )  # fmt: skip
             self._processes[n] = process
             log.info("trainer %d started (pid %d)", n, process.pid)
-            code = await process.wait()
+            code = await wait_exit(process)
             if self._stopping:
                 return
-            backoff = 1.0 if time.monotonic() - started > 60 else min(backoff * 2, 30.0)
-            log.error("trainer %d exited unexpectedly (code %s); restarting in %.0fs", n, code, backoff)
-            await asyncio.sleep(backoff)
+            await kill_group(process.pid, f"trainer {n}")
+            delay = backoff.after_run(time.monotonic() - started)
+            log.error("trainer %d exited unexpectedly (code %s); restarting in %.0fs", n, code, delay)
+            await asyncio.sleep(delay)
 
     async def stop(self, grace_s: float) -> None:
         """SIGTERM: each trainer hands its job back to the queue; SIGKILL after ``grace_s``."""
@@ -72,12 +73,9 @@ class TrainerPool:
             if process.returncode is None:
                 process.send_signal(signal.SIGTERM)
         for process in self._processes.values():
-            try:
-                await asyncio.wait_for(process.wait(), grace_s)
-            except asyncio.TimeoutError:
+            if await wait_exit(process, grace_s) is None:
                 log.warning("trainer pid %d did not stop within %.0fs; killing it", process.pid, grace_s)
-                process.kill()
-                await process.wait()
+            await kill_group(process.pid, f"trainer pid {process.pid}")
         for task in self._tasks:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

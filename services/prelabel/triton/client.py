@@ -14,9 +14,26 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 import tritonclient.grpc.aio as triton_grpc
+from tritonclient.grpc._client import MAX_GRPC_MESSAGE_SIZE, KeepAliveOptions
 from tritonclient.utils import InferenceServerException
 
 from prelabel.errors import DeadlineExceeded, Internal, NotFound, PrelabelError, Unavailable
+
+_KEEPALIVE = KeepAliveOptions()
+# tritonclient's own channel options, plus a short reconnect back-off: gRPC's default grows to 120 s,
+# so after a Triton restart the gateway would stay UNAVAILABLE for up to two minutes after Triton is
+# back. Reconnecting to a local or in-cluster address every second at most costs nothing.
+CHANNEL_ARGS = [
+    ("grpc.max_send_message_length", MAX_GRPC_MESSAGE_SIZE),
+    ("grpc.max_receive_message_length", MAX_GRPC_MESSAGE_SIZE),
+    ("grpc.keepalive_time_ms", _KEEPALIVE.keepalive_time_ms),
+    ("grpc.keepalive_timeout_ms", _KEEPALIVE.keepalive_timeout_ms),
+    ("grpc.keepalive_permit_without_calls", _KEEPALIVE.keepalive_permit_without_calls),
+    ("grpc.http2.max_pings_without_data", _KEEPALIVE.http2_max_pings_without_data),
+    ("grpc.initial_reconnect_backoff_ms", 250),
+    ("grpc.min_reconnect_backoff_ms", 250),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+]
 
 OUTPUTS = [triton_grpc.InferRequestedOutput("PROBABILITIES"), triton_grpc.InferRequestedOutput("ERROR")]
 OUTPUTS_WITH_EMBEDDING = [*OUTPUTS, triton_grpc.InferRequestedOutput("EMBEDDING")]
@@ -45,7 +62,7 @@ class TritonClient:
     @property
     def client(self) -> triton_grpc.InferenceServerClient:
         if self._client is None:
-            self._client = triton_grpc.InferenceServerClient(self.url)
+            self._client = triton_grpc.InferenceServerClient(self.url, channel_args=CHANNEL_ARGS)
         return self._client
 
     async def close(self) -> None:

@@ -4,16 +4,17 @@ Prepared as PyTriton does (``pytriton/triton.py``): the backends are copied into
 the data directory with the python-backend stub built for the running Python, and the binary is
 started with explicit model control, every model in the repository loaded, the project's packages
 visible to the stub, and ``PR_SET_PDEATHSIG`` so that it dies with its parent. If it exits while
-wanted, it is restarted with exponential back-off; its log goes to ``<data_dir>/logs/triton.log``
-and its error lines are repeated in ours.
+wanted, or stops answering health checks for ``hung_after_s``, what is left of its process group
+(the python-backend stubs, which outlive a killed server and hold its pipes, memory and
+``/dev/shm`` regions) is killed and cleaned up (``prelabel/processes.py``) and it is restarted with
+exponential back-off. Its log goes to ``<data_dir>/logs/triton.log`` and its error lines are
+repeated in ours.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
-import ctypes.util
 import logging
 import os
 import shutil
@@ -27,6 +28,7 @@ from pathlib import Path
 
 from prelabel import metrics
 from prelabel.errors import Unavailable
+from prelabel.processes import Backoff, die_with_parent, kill_group, wait_exit
 from prelabel.triton.client import TritonClient
 
 log = logging.getLogger("prelabel.triton")
@@ -39,11 +41,6 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])
-
-
-def die_with_parent() -> None:
-    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-    libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 @dataclass(frozen=True)
@@ -98,6 +95,7 @@ class TritonSupervisor:
         ports: Ports | None = None,
         startup_timeout_s: float = 180.0,
         paths: TritonPaths | None = None,
+        hung_after_s: float = 30.0,
     ) -> None:
         self.repository = repository
         self.workspace = workspace
@@ -105,6 +103,7 @@ class TritonSupervisor:
         self.host = host
         self.ports = ports or Ports(free_port(host), free_port(host), free_port(host))
         self.startup_timeout_s = startup_timeout_s
+        self.hung_after_s = hung_after_s
         self.paths = paths or TritonPaths.from_wheel()
         self.process: asyncio.subprocess.Process | None = None
         self.restarts = 0
@@ -135,7 +134,7 @@ class TritonSupervisor:
         self._watcher = asyncio.create_task(self._watch(), name="triton-supervisor")
 
     async def stop(self, grace_s: float = 15.0) -> None:
-        """SIGTERM, wait up to ``grace_s`` for in-flight work, then SIGKILL."""
+        """SIGTERM, wait up to ``grace_s`` for in-flight work, then SIGKILL; nothing of it is left behind."""
         self._stopping = True
         if self._watcher:
             self._watcher.cancel()
@@ -143,15 +142,13 @@ class TritonSupervisor:
                 await self._watcher
         self.url_file.unlink(missing_ok=True)
         process = self.process
-        if process is None or process.returncode is not None:
+        if process is None:
             return
-        process.send_signal(signal.SIGTERM)
-        try:
-            await asyncio.wait_for(process.wait(), grace_s)
-        except asyncio.TimeoutError:
-            log.warning("Triton did not stop within %.0fs of SIGTERM; killing it", grace_s)
-            process.kill()
-            await process.wait()
+        if process.returncode is None:
+            process.send_signal(signal.SIGTERM)
+            if await wait_exit(process, grace_s) is None:
+                log.warning("Triton did not stop within %.0fs of SIGTERM; killing it", grace_s)
+        await self._clean_up(process)
         log.info("Triton stopped")
 
     def command(self) -> list[str]:
@@ -236,6 +233,8 @@ class TritonSupervisor:
             while time.monotonic() < deadline:
                 if self.process is None or self.process.returncode is not None:
                     code = None if self.process is None else self.process.returncode
+                    if self.process is not None:
+                        await self._clean_up(self.process)
                     raise Unavailable(
                         f"Triton exited with code {code} while starting; last errors: "
                         f"{' | '.join(self._recent_errors) or 'none'}; see {self.log_path}"
@@ -249,28 +248,54 @@ class TritonSupervisor:
             await client.close()
 
     async def _watch(self) -> None:
-        backoff = 1.0
+        backoff = Backoff()
         while not self._stopping:
             assert self.process is not None
             started = time.monotonic()
-            code = await self.process.wait()
+            code = await self._until_exit(self.process)
             if self._stopping:
                 return
-            if time.monotonic() - started > 60:
-                backoff = 1.0
+            await self._clean_up(self.process)
+            delay = backoff.after_run(time.monotonic() - started)
             self.restarts += 1
             metrics.TRITON_RESTARTS.inc()
             log.error(
                 "Triton exited unexpectedly (code %s); restarting in %.0fs (restart %d). Last errors: %s",
                 code,
-                backoff,
+                delay,
                 self.restarts,
                 " | ".join(self._recent_errors) or "none",
             )
-            await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, 30.0)
+            await asyncio.sleep(delay)
             try:
                 await self._spawn()
                 await self._wait_ready()
             except Unavailable as exc:
                 log.error("Triton restart failed: %s", exc)
+
+    async def _until_exit(self, process: asyncio.subprocess.Process, every_s: float = 1.0) -> int | None:
+        """Its exit code, seen within ``every_s``; a server that stops answering for ``hung_after_s`` is killed."""
+        client = TritonClient(self.url)
+        silent_since: float | None = None
+        try:
+            while (code := await wait_exit(process, every_s)) is None:
+                if await client.server_live(timeout_s=every_s):
+                    silent_since = None
+                    continue
+                silent_since = silent_since or time.monotonic()
+                if time.monotonic() - silent_since >= self.hung_after_s:
+                    log.error("Triton has not answered a health check for %.0fs; killing it", self.hung_after_s)
+                    with contextlib.suppress(ProcessLookupError):
+                        os.killpg(process.pid, signal.SIGKILL)
+            return code
+        finally:
+            await client.close()
+
+    async def _clean_up(self, process: asyncio.subprocess.Process) -> None:
+        """Kill what is left of its process group (stubs), remove their shared memory, finish its log."""
+        await kill_group(process.pid, "Triton")
+        if self._log_pump is not None:
+            try:
+                await asyncio.wait_for(self._log_pump, 5.0)  # its pipe closes with the last writer
+            except (asyncio.TimeoutError, asyncio.CancelledError):
+                self._log_pump.cancel()
