@@ -51,3 +51,25 @@ class PermissionDenied(PrelabelError):
 
 class Internal(PrelabelError):
     code = grpc.StatusCode.INTERNAL
+
+
+def quote(value: str, limit: int = 64) -> str:
+    """``repr`` of a client's value for an error message, at most ``limit`` characters of it.
+
+    Echoing a 20,000-character name whole would push the status message past gRPC's metadata limit
+    (and the client would see RESOURCE_EXHAUSTED instead of the real problem).
+    """
+    if len(value) <= limit:
+        return repr(value)
+    return f"{value[:limit]!r}... ({len(value):,} characters)"
+
+
+def parse_number(text: str, what: str, hint: str) -> int:
+    """A non-negative decimal integer that a client sent as text, or INVALID_ARGUMENT saying what to send.
+
+    ``str.isdigit`` accepts '²' and any number of digits; ``int`` then fails or exceeds what SQLite
+    and the int-digit limit allow. Only ASCII digits, at most 18 of them (fits a signed 64-bit integer).
+    """
+    if not (text.isascii() and text.isdigit() and len(text) <= 18):
+        raise InvalidArgument(f"{what} {quote(text)} is not valid: {hint}")
+    return int(text)

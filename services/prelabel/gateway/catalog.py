@@ -14,7 +14,7 @@ import logging
 import time
 from dataclasses import dataclass
 
-from prelabel.errors import InvalidArgument, NotFound, PrelabelError, Unavailable
+from prelabel.errors import NotFound, PrelabelError, Unavailable, parse_number
 from prelabel.triton.client import TritonClient
 from prelabel.triton.repository import ModelRepository, VersionCard, validate_name
 from prelabel.v1 import prelabel_pb2 as pb
@@ -81,8 +81,11 @@ class ModelCatalog:
         """Name and version of a request to a ready model version, or a clear NOT_FOUND/UNAVAILABLE."""
         asked_at = time.monotonic()
         name = model or self.default_model
+        # What the request says is checked first: a bad version is the client's to fix, whatever Triton's state.
+        wanted = parse_number(version, "version", "send a version number, or none for the newest ready one") \
+            if version else None  # fmt: skip
         versions = self.versions.get(name, [])
-        if not versions or (version.isdigit() and int(version) not in versions):  # a miss: look on disk
+        if not versions or (wanted is not None and wanted not in versions):  # a miss: look on disk
             versions = self.repository.versions(validate_name(name))
             if versions:
                 self.versions[name] = versions
@@ -90,17 +93,14 @@ class ModelCatalog:
             known = ", ".join(self.repository.models()) or "none"
             raise NotFound(f"model {name!r} does not exist; models: {known} (ListModels shows them all)")
         ready = self.ready.get(name, set())
-        wanted = int(version) if version.isdigit() else None
         if not ready or (wanted is not None and wanted not in ready):
             # A version loaded a moment ago must answer before the next periodic refresh.
             await self._refresh_since(asked_at)
             ready = self.ready.get(name, set())
         if not self.triton_up:
             raise Unavailable(f"Triton is unreachable, so model {name!r} cannot answer now; retry shortly")
-        if version:
-            if not version.isdigit():
-                raise InvalidArgument(f"version {version!r} is not a number; leave it empty for the newest ready one")
-            number = int(version)
+        if wanted is not None:
+            number = wanted
             if number not in versions:
                 raise NotFound(f"model {name!r} has no version {number}; versions: {versions}")
             if number not in ready:

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from prelabel import metrics
 from prelabel.datasets.store import DatasetInfo, DatasetStore
-from prelabel.errors import InvalidArgument
+from prelabel.errors import InvalidArgument, quote
 from prelabel.gateway.jobs import timestamp
 from prelabel.v1 import prelabel_pb2 as pb
 
@@ -29,7 +29,9 @@ class Datasets:
     def __init__(self, store: DatasetStore) -> None:
         self.store = store
 
-    async def upload(self, requests: AsyncIterator[pb.UploadExamplesRequest]) -> pb.Dataset:
+    async def upload(self, requests: AsyncIterator[pb.UploadExamplesRequest],
+                     abandoned: Callable[[], bool] = lambda: False) -> pb.Dataset:  # fmt: skip
+        """All or nothing: examples are added only when the client ends its stream, not when it goes away."""
         upload = None
         async for request in requests:
             if upload is None:
@@ -38,11 +40,14 @@ class Datasets:
                 upload = self.store.upload(request.dataset)
             elif request.dataset and request.dataset != upload.name:
                 raise InvalidArgument(
-                    f"one upload goes to one dataset: got {request.dataset!r} after {upload.name!r}; "
+                    f"one upload goes to one dataset: got {quote(request.dataset)} after {upload.name!r}; "
                     "use one UploadExamples call per dataset"
                 )
             examples = [(e.image.id, e.image.content, e.label) for e in request.examples]
             await asyncio.to_thread(upload.add, examples)
+        if abandoned():  # gRPC ends the request stream the same way when the client cancels
+            log.info("upload to dataset %r abandoned by its client; nothing was added", upload.name if upload else "")
+            raise asyncio.CancelledError
         if upload is None:
             raise InvalidArgument("UploadExamples received no messages; send at least one with examples")
         info = await asyncio.to_thread(upload.commit)

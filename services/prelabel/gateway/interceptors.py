@@ -3,6 +3,10 @@
 Like KServe's single error-mapping interceptor: servicers and the core raise ``PrelabelError``s;
 this turns them into ``context.abort(code, message)``. Anything else is a bug: it is logged with
 its traceback and answered INTERNAL, without leaking internals to the client.
+
+Bytes that do not parse as the request message never reach a servicer: gRPC would answer them
+UNKNOWN (unary) or INTERNAL (streaming) and log a traceback each time. The deserializer installed
+here turns them into a :class:`Malformed` marker, answered INVALID_ARGUMENT like any bad field.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import grpc
 from grpc import aio
 
 from prelabel import metrics
-from prelabel.errors import PrelabelError
+from prelabel.errors import InvalidArgument, PrelabelError
 
 log = logging.getLogger("prelabel.gateway")
 
@@ -35,6 +39,9 @@ class _Call:
             metrics.OPEN_STREAMS.labels(method).inc()
 
     async def fail(self, exc: BaseException, context: aio.ServicerContext) -> None:
+        if isinstance(exc, GeneratorExit):  # the client went away while we were streaming to it
+            self.code = grpc.StatusCode.CANCELLED
+            raise exc
         if isinstance(exc, PrelabelError):
             self.code = exc.code
             await context.abort(exc.code, exc.message)
@@ -61,6 +68,40 @@ class _Call:
         metrics.RPC_LATENCY.labels(self.method).observe(time.perf_counter() - self.started)
 
 
+class Malformed:
+    """What the deserializer returns for bytes that are not a valid request message."""
+
+    def __init__(self, message_type: str, error: Exception) -> None:
+        self.error = InvalidArgument(
+            f"the request is not a valid {message_type} message ({str(error)[:200] or type(error).__name__}); "
+            "check that the client was generated from the same protos/ as this server"
+        )
+
+
+def _tolerant(deserializer: Callable[[bytes], Any] | None, message_type: str) -> Callable[[bytes], Any] | None:
+    if deserializer is None:
+        return None
+
+    def deserialize(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except Exception as exc:  # DecodeError, and whatever else a hostile byte string provokes
+            return Malformed(message_type, exc)
+
+    return deserialize
+
+
+def _checked(request: Any) -> Any:
+    if isinstance(request, Malformed):
+        raise request.error
+    return request
+
+
+async def _checked_stream(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    async for request in requests:
+        yield _checked(request)
+
+
 class ErrorsAndMetrics(aio.ServerInterceptor):  # type: ignore[misc]
     async def intercept_service(
         self,
@@ -74,42 +115,50 @@ class ErrorsAndMetrics(aio.ServerInterceptor):  # type: ignore[misc]
         # grpc.health.v1.Health/Watch and reflection streams live as long as their clients: not counted.
         if details.method.startswith(("/grpc.health", "/grpc.reflection")):
             return handler
+        streamed_requests = handler.request_streaming
+        message_type = details.method.strip("/").rsplit("/", 1)[0] + f"/{method} request"
+        deserializer = _tolerant(handler.request_deserializer, message_type)
+
+        def checked(request: Any) -> Any:
+            return _checked_stream(request) if streamed_requests else _checked(request)
+
         if handler.unary_unary or handler.stream_unary:
             behaviour = handler.unary_unary or handler.stream_unary
 
             async def unary(request: Any, context: aio.ServicerContext) -> Any:
                 call = _Call(method, streaming=handler.stream_unary is not None)
                 try:
-                    return await behaviour(request, context)
+                    return await behaviour(checked(request), context)
                 except BaseException as exc:
                     await call.fail(exc, context)
                 finally:
                     call.done()
 
-            return same_shape(handler, unary, None)
+            return same_shape(handler, unary, None, deserializer)
 
         behaviour = handler.unary_stream or handler.stream_stream
 
         async def streaming(request: Any, context: aio.ServicerContext) -> AsyncIterator[Any]:
             call = _Call(method, streaming=True)
             try:
-                async for response in behaviour(request, context):
+                async for response in behaviour(checked(request), context):
                     yield response
             except BaseException as exc:
                 await call.fail(exc, context)
             finally:
                 call.done()
 
-        return same_shape(handler, None, streaming)
+        return same_shape(handler, None, streaming, deserializer)
 
 
-def same_shape(handler: grpc.RpcMethodHandler, unary: Any, streaming: Any) -> grpc.RpcMethodHandler:
+def same_shape(handler: grpc.RpcMethodHandler, unary: Any, streaming: Any, deserializer: Any = None
+               ) -> grpc.RpcMethodHandler:  # fmt: skip
     """A handler like ``handler`` (its kind and serializers) that runs ``unary`` or ``streaming`` instead.
 
     ``unary`` serves the calls that answer once (unary-unary, stream-unary), ``streaming`` the others.
     """
     kwargs: dict[str, Any] = {
-        "request_deserializer": handler.request_deserializer,
+        "request_deserializer": deserializer or handler.request_deserializer,
         "response_serializer": handler.response_serializer,
     }
     if handler.unary_unary:

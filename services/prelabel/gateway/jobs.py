@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from prelabel.datasets.store import MIN_PER_CLASS, DatasetStore
-from prelabel.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from prelabel.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable, parse_number
 from prelabel.queue.contract import TERMINAL, Job, JobQueue, check_job_id
 from prelabel.settings import Settings
 from prelabel.triton.repository import ModelRepository, validate_name
@@ -85,28 +85,24 @@ class Jobs:
 
     async def create(self, request: pb.CreateFineTuneJobRequest) -> pb.Job:
         spec = await asyncio.to_thread(self._spec, request)
-        if len(request.request_id) > MAX_REQUEST_ID:
-            raise InvalidArgument(f"request_id is {len(request.request_id)} characters; use at most {MAX_REQUEST_ID}")
         job = await self._call(self.queue.submit, spec, request.request_id, self.settings.job_max_attempts)
         log.info("job %s: %s (request_id %r)", job.id, job.state, request.request_id)
         return job_pb(job)
 
     def _spec(self, request: pb.CreateFineTuneJobRequest) -> dict[str, object]:
-        """The job as the trainer will run it: names resolved, the dataset pinned to its current revision."""
-        info = self.store.info(validate_name(request.dataset, "dataset"))
-        few = {c: n for c, n in info.class_counts.items() if n < MIN_PER_CLASS}
-        if len(info.class_counts) < 2 or few:
-            raise FailedPrecondition(
-                f"dataset {info.name!r} has {info.class_counts or 'no examples'}; fine-tuning needs at least 2 "
-                f"classes with {MIN_PER_CLASS} examples each: upload more with UploadExamples"
-            )
+        """The job as the trainer will run it: names resolved, the dataset pinned to its current revision.
+
+        The request itself is checked before anything is looked up, so that a bad field is always
+        INVALID_ARGUMENT, never NOT_FOUND or FAILED_PRECONDITION about something else.
+        """
+        validate_name(request.dataset, "dataset")
         base = request.base_model or self.settings.default_model
-        versions = self.repository.versions(validate_name(base, "base_model"))
-        if not versions:
-            raise NotFound(f"base_model {base!r} is not in the model repository; ListModels shows the models there are")
+        validate_name(base, "base_model")
         if not request.output_model:
             raise InvalidArgument("output_model is required: the name to publish the fine-tuned model as")
         validate_name(request.output_model, "output_model")
+        if len(request.request_id) > MAX_REQUEST_ID:
+            raise InvalidArgument(f"request_id is {len(request.request_id)} characters; use at most {MAX_REQUEST_ID}")
         if request.freeze_first_k < 0:
             raise InvalidArgument(f"freeze_first_k={request.freeze_first_k} must be 0 (the trainer chooses) or more")
         if not 0 <= request.epochs <= MAX_EPOCHS:
@@ -115,6 +111,16 @@ class Jobs:
             raise InvalidArgument(f"learning_rate={request.learning_rate} must be 0 (the default) or in (0, 1)")
         if not 0 <= request.target_precision < 1:
             raise InvalidArgument(f"target_precision={request.target_precision} must be 0 (0.95) or in (0, 1)")
+        info = self.store.info(request.dataset)
+        few = {c: n for c, n in info.class_counts.items() if n < MIN_PER_CLASS}
+        if len(info.class_counts) < 2 or few:
+            raise FailedPrecondition(
+                f"dataset {info.name!r} has {info.class_counts or 'no examples'}; fine-tuning needs at least 2 "
+                f"classes with {MIN_PER_CLASS} examples each: upload more with UploadExamples"
+            )
+        versions = self.repository.versions(base)
+        if not versions:
+            raise NotFound(f"base_model {base!r} is not in the model repository; ListModels shows the models there are")
         strategy = _enum_name(pb.Strategy, request.strategy, "strategy") or "STRATEGY_AUTO"
         return {
             "dataset": info.name,
@@ -136,8 +142,8 @@ class Jobs:
         state = _enum_name(pb.JobState, request.state, "state")
         if not 0 <= request.page_size <= MAX_PAGE_SIZE:
             raise InvalidArgument(f"page_size={request.page_size} must be 0 (50) to {MAX_PAGE_SIZE}")
-        if request.page_token and not request.page_token.isdigit():
-            raise InvalidArgument(f"page_token {request.page_token!r} is not one that ListJobs returned")
+        if request.page_token:
+            parse_number(request.page_token, "page_token", "send one that ListJobs returned, or none")
         jobs, token = await self._call(self.queue.list, state, request.page_size or 50, request.page_token)
         return pb.ListJobsResponse(jobs=[job_pb(j) for j in jobs], next_page_token=token)
 

@@ -49,7 +49,11 @@ class DatasetServicer(rpc.DatasetServiceServicer):  # type: ignore[misc]
     async def UploadExamples(
         self, requests: AsyncIterator[pb.UploadExamplesRequest], context: aio.ServicerContext
     ) -> pb.Dataset:
-        return await self.datasets.upload(requests)
+        def abandoned() -> bool:  # the client cancelled, or its deadline passed, before it half-closed
+            remaining = context.time_remaining()
+            return bool(context.cancelled()) or (remaining is not None and remaining <= 0)
+
+        return await self.datasets.upload(requests, abandoned)
 
     async def GetDataset(self, request: pb.GetDatasetRequest, context: aio.ServicerContext) -> pb.Dataset:
         return await self.datasets.get(request.name)

@@ -19,18 +19,18 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any, TypeVar
 
-from prelabel.errors import FailedPrecondition, InvalidArgument
+from prelabel.errors import FailedPrecondition, InvalidArgument, quote
 
 QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = "QUEUED", "RUNNING", "SUCCEEDED", "FAILED", "CANCELLED"
 TERMINAL = (SUCCEEDED, FAILED, CANCELLED)
 STATES = (QUEUED, RUNNING, *TERMINAL)
 T = TypeVar("T")
-JOB_ID = re.compile(r"^[0-9a-f]{32}$")  # Job.new's uuid4().hex; ids also name checkpoint folders
+JOB_ID = re.compile(r"[0-9a-f]{32}")  # Job.new's uuid4().hex; ids also name checkpoint folders
 
 
 def check_job_id(job_id: str) -> str:
-    if not JOB_ID.match(job_id):
-        raise InvalidArgument(f"job id {job_id[:80]!r} is not valid: job ids are 32 hexadecimal characters")
+    if not JOB_ID.fullmatch(job_id):
+        raise InvalidArgument(f"job id {quote(job_id)} is not valid: job ids are 32 hexadecimal characters")
     return job_id
 
 

@@ -19,12 +19,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from prelabel.errors import InvalidArgument, NotFound
+from prelabel.errors import InvalidArgument, NotFound, quote
 from prelabel.files import write_atomically
 from prelabel.preprocessing import Preprocess
 from prelabel.settings import Settings
 
-NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
+NAME_PATTERN = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")
 
 MODEL_PY = '''"""Written by Prelabel: every version is served by the same generic python backend model."""
 
@@ -55,9 +55,9 @@ instance_group [
 
 def validate_name(name: str, what: str = "model") -> str:
     """Names become folder names: lower-case letters, digits, '.', '_' and '-', at most 63."""
-    if not NAME_PATTERN.match(name) or ".." in name:
+    if not NAME_PATTERN.fullmatch(name) or ".." in name:  # fullmatch: "$" would let a final newline in
         raise InvalidArgument(
-            f"{what} name {name!r} is not valid: use 1-63 lower-case letters, digits, '.', '_' or '-', "
+            f"{what} name {quote(name)} is not valid: use 1-63 lower-case letters, digits, '.', '_' or '-', "
             "starting with a letter or digit"
         )
     return name
