@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -96,3 +99,39 @@ def test_names_cannot_leave_the_store(tmp_path, name):
 def test_unknown_dataset_is_not_found(tmp_path):
     with pytest.raises(NotFound, match="upload examples to it"):
         DatasetStore(tmp_path).info("nothing-here")
+
+
+# An upload whose process dies after its log lines are fsynced and before summary.json is renamed.
+DIES_BEFORE_THE_SUMMARY = """
+import os, sys
+from pathlib import Path
+import prelabel.datasets.store as store
+
+real = store.write_atomically
+def write_atomically(path, data):
+    if Path(path).name == "summary.json" and os.environ.get("DIE"):
+        os._exit(9)
+    real(path, data)
+store.write_atomically = write_atomically
+os.environ["DIE"] = ""
+s = store.DatasetStore(Path(sys.argv[1]))
+first = s.upload("birds")
+first.add([("a", bytes.fromhex(sys.argv[2]), "robin"), ("b", bytes.fromhex(sys.argv[3]), "wren")])
+first.commit()
+os.environ["DIE"] = "1"
+second = s.upload("birds")
+second.add([("c", bytes.fromhex(sys.argv[4]), "wren")])
+second.commit()
+"""
+
+
+def test_a_crash_between_log_and_summary_loses_no_later_upload(tmp_path):
+    a, b, c, d = image(1), image(2), image(3), image(4)
+    died = subprocess.run([sys.executable, "-c", DIES_BEFORE_THE_SUMMARY, str(tmp_path), a.hex(), b.hex(), c.hex()])
+    assert died.returncode == 9
+    store = DatasetStore(tmp_path)
+    assert store.info("birds").class_counts == {"robin": 1, "wren": 1}  # the dead upload is not there
+    assert len((tmp_path / "birds" / "examples.tsv").read_text().splitlines()) == 3  # but its line is
+    info = add(store, "birds", [(d, "sparrow")])
+    assert info.class_counts == {"robin": 1, "sparrow": 1, "wren": 1} and info.revision == 3
+    assert sorted(store.snapshot("birds").values()) == ["robin", "sparrow", "wren"]  # as the summary says

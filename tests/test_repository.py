@@ -15,7 +15,7 @@ def card(**kw: object) -> VersionCard:
     return VersionCard(arch="resnet18", labels=["cat", "dog"], preprocess=Preprocess(64, 64), **kw)  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize("name", ["", "../etc", "a/b", "UPPER", ".hidden", "x" * 64, "a..b"])
+@pytest.mark.parametrize("name", ["", "../etc", "a/b", "UPPER", ".hidden", "x" * 64, "a..b", "fznl\n", "ok\n\n"])
 def test_invalid_names(name):
     with pytest.raises(InvalidArgument, match="not valid"):
         validate_name(name)
@@ -64,6 +64,25 @@ def test_concurrent_writers_get_distinct_versions(tmp_path):
     for t in threads:
         t.join()
     assert sorted(results) == list(range(1, 9))
+
+
+def test_a_stray_version_folder_is_skipped_with_a_warning_not_a_spin(tmp_path, caplog):
+    """A numbered folder without card.json (copied in by hand, say) used to make add_version retry forever."""
+    repo = ModelRepository(tmp_path)
+    assert repo.add_version("m", card(), lambda folder: None) == 1
+    (tmp_path / "m" / "2").mkdir()
+    (tmp_path / "m" / "²").mkdir()  # str.isdigit() says yes; int() says no
+    done = threading.Event()
+    published: list[int] = []
+
+    def publish() -> None:
+        published.append(repo.add_version("m", card(), lambda f: None))
+        done.set()
+
+    threading.Thread(target=publish, daemon=True).start()
+    assert done.wait(10), "add_version spun on the stray folder"
+    assert published == [3] and repo.versions("m") == [1, 3]
+    assert "hold no card.json" in caplog.text and "[2]" in caplog.text
 
 
 def test_card_round_trip_ignores_unknown_fields():

@@ -23,6 +23,7 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 from prelabel.errors import InvalidArgument, NotFound, ResourceExhausted
 from prelabel.files import write_atomically
@@ -116,8 +117,12 @@ class DatasetStore:
                     f"dataset {name!r} would hold {len(labelled)} images, over the limit of "
                     f"{self.limits.max_examples} (PRELABEL_MAX_EXAMPLES_PER_DATASET); start a new dataset"
                 )
-            with (folder / "examples.tsv").open("a", encoding="utf-8") as log:
-                log.write("".join(f"{digest}\t{label}\n" for digest, label in added))
+            with (folder / "examples.tsv").open("a+b") as log:
+                # Lines past the summary's revision are from a commit that died before its summary was
+                # written: that upload failed (its client saw an error), so they are dropped, not kept
+                # to shift every later snapshot.
+                log.truncate(self._log_offset(log, info.revision))
+                log.write("".join(f"{digest}\t{label}\n" for digest, label in added).encode())
                 log.flush()
                 os.fsync(log.fileno())
             info.revision += len(added)
@@ -155,6 +160,15 @@ class DatasetStore:
                     labelled.pop(digest, None)  # a relabelled image moves to its latest position
                     labelled[digest] = label
         return labelled
+
+    @staticmethod
+    def _log_offset(log: BinaryIO, revision: int) -> int:
+        """The byte offset just past the first ``revision`` lines of the log."""
+        log.seek(0)
+        for _ in range(revision):
+            if not log.readline():
+                break
+        return log.tell()
 
     @staticmethod
     @contextlib.contextmanager

@@ -9,6 +9,7 @@ Versions are written to a staging folder and renamed into place, so Triton never
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -23,6 +24,8 @@ from prelabel.errors import InvalidArgument, NotFound, quote
 from prelabel.files import write_atomically
 from prelabel.preprocessing import Preprocess
 from prelabel.settings import Settings
+
+log = logging.getLogger("prelabel.repository")
 
 NAME_PATTERN = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")
 
@@ -116,7 +119,14 @@ class ModelRepository:
         folder = self.root / validate_name(name)
         if not folder.is_dir():
             return []
-        return sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit() and (p / "card.json").is_file())
+        return sorted(n for n in self._numbered(folder) if (folder / str(n) / "card.json").is_file())
+
+    @staticmethod
+    def _numbered(folder: Path) -> set[int]:
+        """Every entry with a version-like name, Prelabel's or not (ASCII digits only: '²'.isdigit())."""
+        if not folder.is_dir():
+            return set()
+        return {int(p.name) for p in folder.iterdir() if p.name.isascii() and p.name.isdigit() and len(p.name) < 19}
 
     def card(self, name: str, version: int) -> VersionCard:
         path = self.root / validate_name(name) / str(version) / "card.json"
@@ -145,7 +155,13 @@ class ModelRepository:
             write_files(staging)
             (staging / "card.json").write_text(card.to_json())
             while True:
-                version = max(self.versions(name), default=0) + 1
+                taken = self._numbered(model_dir)
+                if strays := sorted(taken - set(self.versions(name))):
+                    log.warning(
+                        "model %s: version folder(s) %s hold no card.json: not Prelabel versions (Triton will fail to "
+                        "load them); publishing past them. Remove them from %s", name, strays, model_dir,
+                    )  # fmt: skip
+                version = max(taken, default=0) + 1
                 try:
                     os.rename(staging, model_dir / str(version))
                     return version
