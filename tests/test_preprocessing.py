@@ -40,8 +40,38 @@ def test_pixel_limit_is_checked_on_the_header_before_decoding():
     blob = encode(Image.new("RGB", (321, 123)), "PNG")
     ihdr = b"IHDR" + (20_000).to_bytes(4, "big") * 2 + blob[24:29]
     bomb = blob[:12] + ihdr + zlib.crc32(ihdr).to_bytes(4, "big") + blob[33:]
-    with pytest.raises(TooManyPixels, match="20000x20000 pixels") as err:
+    with pytest.raises(TooManyPixels, match="limit of 40000000 pixels") as err:
         decode(bomb, PRE, max_pixels=40_000_000)
+    assert err.value.code == "RESOURCE_EXHAUSTED"
+    assert Image.MAX_IMAGE_PIXELS, "Pillow's own bomb limit is left in force for everyone else in the process"
+    with pytest.raises(TooManyPixels, match="decompression-bomb"):
+        decode(bomb, PRE)  # no limit of ours: Pillow's still holds
+
+
+@pytest.mark.parametrize("size", [(1, 100_000), (1_000_000, 1), (3, 400_000)])
+def test_extreme_aspect_ratios_cost_what_a_small_image_does(size):
+    """Issue 11: a 277-byte 1 x 100,000 PNG took 4.2 s and 2 GB (scaled to a 64 x 6.4 M strip first)."""
+    import resource
+    import time
+
+    blob = encode(Image.new("RGB", size, (0, 90, 200)), "PNG")
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    started = time.process_time()
+    pixels = decode(blob, PRE, max_pixels=40_000_000)
+    assert pixels.shape == (56, 56, 3) and abs(int(pixels[..., 2].mean()) - 200) <= 2
+    grown_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+    assert grown_mb < 100 and time.process_time() - started < 1.0, (grown_mb, time.process_time() - started)
+
+
+def test_running_out_of_memory_is_a_per_image_error(monkeypatch):
+    import prelabel.preprocessing as preprocessing
+
+    def exhausted(*args, **kwargs):
+        raise MemoryError
+
+    monkeypatch.setattr(preprocessing, "resize_crop", exhausted)
+    with pytest.raises(TooManyPixels, match="more memory") as err:
+        decode(encode(Image.new("RGB", (80, 80)), "PNG"), PRE)
     assert err.value.code == "RESOURCE_EXHAUSTED"
 
 

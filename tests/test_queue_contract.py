@@ -114,6 +114,15 @@ def test_cancel(queue):
         queue.cancel(running.id)
 
 
+def test_a_cancelled_job_whose_attempt_failed_is_not_claimed_again(queue):
+    job = queue.submit(SPEC, max_attempts=3)
+    queue.claim("w1", 30)
+    queue.cancel(job.id)
+    ended = queue.finish(job.id, "w1", QUEUED, error="attempt 1 failed: out of memory")
+    assert ended.state == CANCELLED and ended.finished_at > 0
+    assert queue.claim("w2", 30) is None
+
+
 def test_list_filters_and_paginates_newest_first(queue):
     ids = [queue.submit(SPEC).id for _ in range(5)]
     queue.cancel(ids[0])

@@ -8,10 +8,13 @@ import time
 
 import pytest
 import torch
+from PIL import Image
 
 from prelabel.datasets import shapes
 from prelabel.datasets.store import dataset_store
+from prelabel.errors import InvalidArgument
 from prelabel.models.defaults import ensure_default_model
+from prelabel.preprocessing import Preprocess
 from prelabel.queue.contract import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED
 from prelabel.settings import Settings
 from prelabel.training import data, engine
@@ -100,6 +103,50 @@ def test_cancel_stops_a_running_job_within_seconds(trainer):
     job = trainer.queue.get(job_id)
     assert job.state == CANCELLED and time.monotonic() - asked < 5
     assert trainer.repository.versions("novel") == []
+
+
+@pytest.mark.parametrize("phase", ["decoding", "publishing"])
+def test_cancel_before_training_or_after_it_never_publishes(trainer, monkeypatch, phase):
+    """Issue 11: should_stop was only asked inside the training loop; a cancel while the images were
+    decoded, or once training had ended, still published a version and ended SUCCEEDED."""
+    job = trainer.queue.submit(spec())
+    claimed = trainer.queue.claim(trainer.name, trainer.settings.job_lease_s)
+    assert claimed is not None
+    if phase == "decoding":
+        real = data.decode
+
+        def slow_decode(*args, **kwargs):
+            if not trainer.queue.get(job.id).cancel_requested:
+                trainer.queue.cancel(job.id)
+            time.sleep(0.25)  # 24 images: 6 s, long enough for the heartbeat to hear of the cancel
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(data, "decode", slow_decode)
+    else:
+        real_train = engine.train
+
+        def train_then_cancel(*args, **kwargs):
+            result = real_train(*args, **kwargs)
+            trainer.queue.cancel(job.id)  # the heartbeat has not heard yet: the queue is asked
+            return result
+
+        monkeypatch.setattr(engine, "train", train_then_cancel)
+    trainer.run_job(claimed)
+    assert trainer.queue.get(job.id).state == CANCELLED
+    assert trainer.repository.versions("novel") == []
+
+
+def test_training_data_honours_the_pixel_limit(trainer):
+    """A decompression bomb uploaded into a dataset must not reach the trainer undecoded-unchecked."""
+    import zlib
+
+    blob = encode(Image.new("RGB", (321, 123)), "PNG")
+    ihdr = b"IHDR" + (9_000).to_bytes(4, "big") * 2 + blob[24:29]
+    bomb = blob[:12] + ihdr + zlib.crc32(ihdr).to_bytes(4, "big") + blob[33:]
+    base_images, base_labels = trainer.store.examples("novel")
+    with pytest.raises(InvalidArgument, match="9000x9000 pixels is over the limit"):
+        data.from_encoded([*base_images, bomb], [*base_labels, base_labels[0]], Preprocess(64, 64),
+                          max_pixels=trainer.settings.max_image_pixels)  # fmt: skip
 
 
 def test_shutdown_hands_the_job_back_uncharged(trainer):

@@ -4,6 +4,11 @@ Each image is opened exactly once on the hot path, in the Triton model (:func:`d
 limit is checked on the header before any pixel is decoded (decompression bombs), and JPEG draft
 mode decodes large photos at a reduced scale, several times faster than a full decode then resize.
 The gateway does not parse images at all (docs/benchmarks.md has the measurements).
+
+Only the central square that the model sees is resized (``Image.resize`` with a ``box``), so an
+image of extreme aspect ratio (1 x 1,000,000 pixels) costs what a small one does, instead of
+first being scaled to a strip of millions of pixels. Pillow's own decompression-bomb limit stays
+in force (twice ``Image.MAX_IMAGE_PIXELS``, about 179 M pixels) beneath ours.
 """
 
 from __future__ import annotations
@@ -16,8 +21,6 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 from PIL import Image, UnidentifiedImageError
-
-Image.MAX_IMAGE_PIXELS = None  # our own limit is enforced (per image) before any decode
 
 _RESAMPLE = {
     "bilinear": Image.Resampling.BILINEAR,
@@ -82,16 +85,22 @@ def decode(content: bytes, preprocess: Preprocess, max_pixels: int = 0) -> npt.N
         raise
     except UnidentifiedImageError:
         raise ImageError("the image could not be decoded: not a JPEG, PNG, WebP or other known format") from None
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+    except Image.DecompressionBombError as exc:  # Pillow's own limit, checked on the header in Image.open
+        ours = f"over the limit of {max_pixels} pixels (PRELABEL_MAX_IMAGE_PIXELS) and " if max_pixels else ""
+        raise TooManyPixels(f"the image is {ours}over Pillow's decompression-bomb limit ({exc}); downscale it") \
+            from None
+    except MemoryError:
+        raise TooManyPixels("the image needs more memory to decode than is available; downscale it") from None
+    except (OSError, ValueError, SyntaxError) as exc:
         raise ImageError(f"the image could not be decoded (corrupt or truncated?): {exc}") from None
 
 
 def resize_crop(image: Image.Image, preprocess: Preprocess) -> npt.NDArray[Any]:
+    """Resize the short side to ``resize`` and take the central ``crop`` square, resizing only that square."""
     scale = preprocess.resize / min(image.width, image.height)
-    size = (max(preprocess.crop, round(image.width * scale)), max(preprocess.crop, round(image.height * scale)))
-    if size != image.size:
-        image = image.resize(size, _RESAMPLE.get(preprocess.interpolation, Image.Resampling.BILINEAR), reducing_gap=3.0)
-    left = (image.width - preprocess.crop) // 2
-    top = (image.height - preprocess.crop) // 2
-    image = image.crop((left, top, left + preprocess.crop, top + preprocess.crop))
+    side = preprocess.crop / scale  # the crop, in the image's own pixels
+    left, top = (image.width - side) / 2, (image.height - side) / 2
+    resample = _RESAMPLE.get(preprocess.interpolation, Image.Resampling.BILINEAR)
+    image = image.resize((preprocess.crop, preprocess.crop), resample, box=(left, top, left + side, top + side),
+                         reducing_gap=3.0)  # fmt: skip
     return np.asarray(image, dtype=np.uint8)

@@ -149,7 +149,9 @@ def end(job: Job, worker: str, state: str, error: str, result: dict[str, Any] | 
         metrics: dict[str, float] | None, now: float) -> None:  # fmt: skip
     if job.state != RUNNING or job.worker != worker:
         raise FailedPrecondition(f"job {job.id} is not running for worker {worker} (it is {job.state})")
-    if state == QUEUED and job.attempts >= job.max_attempts:
+    if state == QUEUED and job.cancel_requested:  # a failed attempt of a cancelled job is not retried
+        state = CANCELLED
+    elif state == QUEUED and job.attempts >= job.max_attempts:
         state = FAILED
     job.state, job.error, job.lease_expires_at = state, error, 0.0
     job.result.update(result or {})

@@ -8,6 +8,7 @@ at once, so nothing is half-published.
 from __future__ import annotations
 
 import io
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,15 +40,21 @@ class Examples:
 
 
 def from_encoded(
-    images: list[bytes], labels: list[str], preprocess: Preprocess, names: list[str] | None = None
-) -> Examples:
-    """Decode and check ``images`` (encoded files) labelled ``labels``; raises with every problem found."""
+    images: list[bytes], labels: list[str], preprocess: Preprocess, names: list[str] | None = None,
+    max_pixels: int = 0, interrupt: Callable[[], None] = lambda: None,
+) -> Examples:  # fmt: skip
+    """Decode and check ``images`` (encoded files) labelled ``labels``; raises with every problem found.
+
+    ``max_pixels`` bounds each image as it bounds prediction (a decompression bomb uploaded into a
+    dataset must not reach the trainer); ``interrupt`` is called before each image and may raise to stop.
+    """
     classes = sorted(set(labels))
     index = {c: i for i, c in enumerate(classes)}
     pixels, targets, problems = [], [], []
     for n, (content, label) in enumerate(zip(images, labels, strict=True)):
+        interrupt()
         try:
-            pixels.append(decode(content, preprocess))
+            pixels.append(decode(content, preprocess, max_pixels))
             targets.append(index[label])
         except ImageError as exc:
             problems.append(f"{names[n] if names else f'image {n}'} ({exc})")

@@ -146,10 +146,19 @@ class Trainer:
 
     def _execute(self, job: Job, heartbeat: Heartbeat) -> tuple[dict[str, Any], dict[str, float]]:
         spec = job.spec
+
+        def should_stop() -> bool:
+            return self.stopping.is_set() or not heartbeat.go_on
+
+        def check() -> None:
+            if should_stop():
+                raise engine.Stopped("stopped before training")
+
         heartbeat.report(0.01, f"loading dataset {spec['dataset']!r}")
         base = engine.load_base(self.repository, spec["base_model"], spec.get("base_version"))
         images, labels = self.store.examples(spec["dataset"], spec.get("dataset_revision"))
-        examples = data.from_encoded(images, labels, base.preprocess)
+        examples = data.from_encoded(images, labels, base.preprocess, max_pixels=self.settings.max_image_pixels,
+                                     interrupt=check)  # fmt: skip
         config = engine.TrainConfig(
             strategy=spec.get("strategy") or engine.AUTO,
             freeze_first_k=int(spec.get("freeze_first_k", 0)),
@@ -167,13 +176,14 @@ class Trainer:
             metrics.LAST_PROGRESS.set(time.time())
             heartbeat.report(0.05 + 0.85 * p.fraction, p.message)
 
-        def should_stop() -> bool:
-            return self.stopping.is_set() or not heartbeat.go_on
-
         checkpoint = engine.Checkpoint(self.settings.checkpoints / check_job_id(job.id) / "training.pt",
                                        self.settings.checkpoint_every_s)  # fmt: skip
         result = engine.train(base, examples, config, progress, checkpoint, should_stop,
                               save_on_stop=self.stopping.is_set)  # fmt: skip
+        # The heartbeat sees a cancel within a second; the queue itself is asked once more, since a
+        # version published is a version the user said they did not want.
+        if should_stop() or self.queue.get(job.id).cancel_requested:
+            raise engine.Stopped("stopped before publishing")
         heartbeat.report(0.9, f"publishing a new version of {spec['output_model']!r}")
         published = time.monotonic()
         version = publish(self.repository, spec["output_model"], result, base, job.id)
