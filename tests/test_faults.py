@@ -63,7 +63,8 @@ def test_health_follows_triton_and_supervisor_restarts_it(tmp_path):
         assert "Triton exited unexpectedly (code -9); restarting" in log
         assert (tmp_path / "logs" / "triton.log").read_text().count("prelabel: Triton started") == 2
     finally:
-        assert stack.stop() == 0
+        exit_code = stack.stop()
+    assert exit_code == 0  # after the block: a failure in it is reported first
 
 
 @pytest.mark.timeout(600)
@@ -118,7 +119,8 @@ def test_triton_killed_under_load_comes_back_every_time_and_leaves_nothing_behin
         assert stack.process.log().count("Triton exited unexpectedly (code -9)") == 3
     finally:
         stop.set()
-        assert stack.stop() == 0
+        exit_code = stack.stop()
+    assert exit_code == 0  # after the block: a failure in it is reported first
 
 
 def test_sigterm_lets_the_call_in_flight_finish(tmp_path):
@@ -175,8 +177,8 @@ def test_gateway_with_a_separate_triton(tmp_path):
             assert "Triton" in err.value.details()
     finally:
         triton.stop()
-        if gateway:
-            assert gateway.stop() == 0
+        exit_code = gateway.stop() if gateway else 0
+    assert exit_code == 0  # after the block: a failure in it is reported first
 
 
 def test_gateway_without_triton_url_says_what_to_do(tmp_path):
@@ -191,4 +193,5 @@ def test_health_check_reports_not_serving_before_triton_is_reachable(tmp_path):
         time.sleep(1.5)
         assert health_status(gateway.address) == NOT_SERVING
     finally:
-        assert gateway.stop() == 0
+        exit_code = gateway.stop()
+    assert exit_code == 0  # after the block: a failure in it is reported first

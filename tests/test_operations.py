@@ -17,6 +17,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from prelabel.settings import Settings
 from prelabel.v1 import prelabel_pb2 as pb
 from prelabel.v1 import prelabel_pb2_grpc as rpc
 from tests.stack import METRICS, Process, environment
@@ -65,14 +66,35 @@ def test_promtool_accepts_every_process_metrics(exposition):
                    "prelabel_triton_up", "prelabel_grpc_request_duration_seconds_bucket"):  # fmt: skip
         assert metric in names(gateway), metric
     assert 'prelabel_model_versions{model="prelabel-base"}' in gateway
-    assert {"prelabel_trainer_busy", "prelabel_jobs_ended_total"} <= names(exposition["trainer"]) | {
-        "prelabel_jobs_ended_total"  # a counter with labels appears once a job ended
-    }
+    assert "prelabel_trainer_busy" in names(exposition["trainer"])
+    # A labelled counter has no samples before its first job ends; its declaration is there from the start.
+    assert re.search(r"^# TYPE prelabel_jobs_ended(_total)? counter$", exposition["trainer"], re.M)
     # Triton's own names break Prometheus conventions (nv_*_us counters without _total): it must
     # still parse, and every finding must be about Triton's metrics, never ours.
     triton = promtool("check", "metrics", text=exposition["triton"])
     assert triton.returncode in (0, PROMTOOL_LINT_PROBLEMS), triton.stderr
     assert all(line.startswith("nv_") for line in (triton.stdout + triton.stderr).splitlines() if line.strip())
+
+
+def listening_addresses(port: int) -> set[str]:
+    """The local addresses with a listening TCP socket on ``port`` (from /proc/net/tcp)."""
+    found = set()
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        local, state = line.split()[1], line.split()[3]
+        address, hex_port = local.split(":")
+        if state == "0A" and int(hex_port, 16) == port:  # 0A: LISTEN
+            found.add(".".join(str(int(address[i : i + 2], 16)) for i in (6, 4, 2, 0)))
+    return found
+
+
+@pytest.mark.stack
+def test_metrics_listen_where_grpc_listens(stack):
+    """/metrics used to bind 0.0.0.0 while gRPC defaulted to loopback."""
+    assert stack.metrics_url
+    port = int(stack.metrics_url.rsplit(":", 1)[1].split("/")[0])
+    assert listening_addresses(port) == {"127.0.0.1"}
+    assert Settings(grpc_host="0.0.0.0").metrics_address == "0.0.0.0"
+    assert Settings(grpc_host="0.0.0.0", metrics_host="10.0.0.5").metrics_address == "10.0.0.5"
 
 
 @pytest.mark.stack

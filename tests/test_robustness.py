@@ -53,7 +53,8 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         wait_for_health(stack.address)
         yield stack
     finally:
-        assert stack.stop() == 0
+        exit_code = stack.stop()
+    assert exit_code == 0  # after the block: a failure in it is reported first
 
 
 @pytest.fixture(scope="module")
@@ -146,7 +147,8 @@ def test_a_bad_version_is_the_clients_error_whatever_tritons_state(tmp_path):
         assert bad[0] == grpc.StatusCode.INVALID_ARGUMENT and "version" in bad[1], bad
         assert good[0] == grpc.StatusCode.UNAVAILABLE, good  # a good request: Triton's state decides
     finally:
-        assert gateway.stop() == 0
+        exit_code = gateway.stop()
+    assert exit_code == 0  # after the block: a failure in it is reported first
 
 
 def mutate(rng: random.Random, data: bytes) -> bytes:

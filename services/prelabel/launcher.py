@@ -66,8 +66,9 @@ async def _start_gateway(settings: Settings, triton_url: str) -> tuple[Gateway, 
             f"cannot listen on {settings.grpc_host}:{settings.grpc_port} ({exc}); "
             "choose another port with --grpc-port or PRELABEL_GRPC_PORT"
         ) from exc
-    metrics_port = serve_metrics(settings.metrics_port) if settings.metrics_port >= 0 else None
-    return gateway, metrics_port
+    if settings.metrics_port < 0:
+        return gateway, None
+    return gateway, serve_metrics(settings.metrics_port, settings.metrics_address)
 
 
 def _announce(settings: Settings, gateway: Gateway | None, metrics_port: int | None, triton: str) -> None:
@@ -77,7 +78,7 @@ def _announce(settings: Settings, gateway: Gateway | None, metrics_port: int | N
         tokens = ", bearer tokens required" if settings.auth_tokens_file else ""
         lines.append(f"Prelabel gateway listening on {settings.grpc_host}:{gateway.port} (gRPC, {security}{tokens})")
     if metrics_port is not None:
-        lines.append(f"metrics on http://{settings.grpc_host}:{metrics_port}/metrics")
+        lines.append(f"metrics on http://{settings.metrics_address}:{metrics_port}/metrics")
     lines.append(f"Triton at {triton}")
     lines.append(f"data in {settings.data_dir}")
     print("; ".join(lines), flush=True)

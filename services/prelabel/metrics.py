@@ -155,7 +155,7 @@ def watch(name: str, collector: Collector) -> None:
     REGISTRY.register(collector)
 
 
-def serve_metrics(port: int, host: str = "0.0.0.0") -> int:
-    """Expose ``/metrics`` on ``port`` (0 picks one); returns the port."""
+def serve_metrics(port: int, host: str) -> int:
+    """Expose ``/metrics`` on ``host:port`` (0 picks a port); returns the port."""
     server, _ = start_http_server(port, addr=host, registry=REGISTRY)
     return int(server.server_port)

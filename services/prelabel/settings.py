@@ -33,6 +33,7 @@ class Settings:
     grpc_host: str = "127.0.0.1"
     grpc_port: int = 50051  # 0 picks a free port
     metrics_port: int = 9400  # 0 picks a free port; -1 disables /metrics
+    metrics_host: str = ""  # where /metrics listens; empty: where gRPC listens (grpc_host)
     grace_period_s: float = 10.0  # in-flight calls get this long to finish on SIGTERM
 
     # Security: TLS when cert and key are set, mutual TLS with a client CA; bearer tokens from a file
@@ -80,6 +81,11 @@ class Settings:
     max_label_chars: int = 128
 
     log_level: str = "INFO"
+
+    @property
+    def metrics_address(self) -> str:
+        """Where ``/metrics`` listens: like gRPC, loopback unless configured otherwise."""
+        return self.metrics_host or self.grpc_host
 
     @property
     def repository(self) -> Path:

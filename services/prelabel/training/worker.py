@@ -265,8 +265,8 @@ def main(settings: Settings) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: trainer.stopping.set())
     if settings.metrics_port >= 0:
-        port = metrics.serve_metrics(settings.metrics_port)
-        print(f"trainer {trainer.name}: metrics on http://{settings.grpc_host}:{port}/metrics", flush=True)
+        port = metrics.serve_metrics(settings.metrics_port, settings.metrics_address)
+        print(f"trainer {trainer.name}: metrics on http://{settings.metrics_address}:{port}/metrics", flush=True)
     trainer.run()
     log.info("trainer %s stopped", trainer.name)
     return 0
