@@ -43,9 +43,9 @@ from sklearn.preprocessing import StandardScaler
 
 from prelabel.datasets import digits, photos, shapes
 from prelabel.models import backbones
-from prelabel.models.defaults import ensure_default_model
 from prelabel.preprocessing import Preprocess
 from prelabel.training import data, engine
+from prelabel.triton.defaults import ensure_default_model
 from prelabel.triton.repository import ModelRepository
 
 FIXED = [engine.FEATURE_EXTRACTION, engine.FREEZE_FIRST_K, engine.FULL_FINE_TUNE, engine.FROM_SCRATCH]

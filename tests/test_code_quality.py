@@ -20,3 +20,29 @@ def test_ruff_is_clean():
 def test_mypy_strict_is_clean():
     run = subprocess.run([str(BIN / "mypy"), "--strict"], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout + run.stderr
+
+
+def package_imports() -> dict[str, set[str]]:
+    """Which of our packages each of our packages imports (module level and inside functions alike)."""
+    import ast
+
+    source = ROOT / "services" / "prelabel"
+    graph: dict[str, set[str]] = {}
+    for path in source.rglob("*.py"):
+        parts = path.relative_to(source).parts
+        package = parts[0] if len(parts) > 1 else path.stem
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("prelabel."):
+                target = node.module.split(".")[1]
+                if target != package:
+                    graph.setdefault(package, set()).add(target)
+    return graph
+
+
+def test_domain_packages_do_not_depend_on_the_serving_layer():
+    """models/, datasets/ and training/ hold the domain; triton/ serves it. Cards and names live with
+    the domain (models/card.py, names.py), so the triton <-> models package cycle is gone."""
+    graph = package_imports()
+    assert "triton" not in graph.get("models", set()) | graph.get("datasets", set())
+    for domain in ("models", "datasets", "training"):
+        assert "gateway" not in graph.get(domain, set()), domain

@@ -14,12 +14,12 @@ import pytest
 
 from prelabel.datasets import shapes
 from prelabel.datasets.store import dataset_store
-from prelabel.models.defaults import ensure_default_model
 from prelabel.queue import open_queue
 from prelabel.queue.contract import RUNNING, SUCCEEDED, TERMINAL, Job, JobQueue
 from prelabel.settings import Settings
 from prelabel.training import engine
 from prelabel.training.publish import published_by
+from prelabel.triton.defaults import ensure_default_model
 from prelabel.triton.repository import repository_for
 from prelabel.v1 import prelabel_pb2 as pb
 from prelabel.v1 import prelabel_pb2_grpc as rpc

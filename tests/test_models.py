@@ -11,8 +11,8 @@ import torch
 from prelabel.datasets import formulas
 from prelabel.errors import InvalidArgument, NotFound, Unavailable
 from prelabel.models import backbones, base
-from prelabel.models.defaults import ensure_default_model
 from prelabel.models.runner import Runner
+from prelabel.triton.defaults import ensure_default_model
 from prelabel.triton.repository import ModelRepository
 from tests.conftest import encode, formula_images
 

@@ -7,8 +7,10 @@ import threading
 import pytest
 
 from prelabel.errors import InvalidArgument, NotFound
+from prelabel.models.card import VersionCard
+from prelabel.names import validate_name
 from prelabel.preprocessing import Preprocess
-from prelabel.triton.repository import ModelRepository, RepositoryConfig, VersionCard, validate_name
+from prelabel.triton.repository import ModelRepository, RepositoryConfig
 
 
 def card(**kw: object) -> VersionCard:

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 import grpc
 import pytest
 
-from prelabel.models.defaults import ensure_default_model
+from prelabel.triton.defaults import ensure_default_model
 from prelabel.triton.repository import ModelRepository
 from prelabel.v1 import prelabel_pb2 as pb
 from prelabel.v1 import prelabel_pb2_grpc as rpc

@@ -15,11 +15,11 @@ from scipy.stats import beta
 from prelabel.datasets import digits, formulas, photos, shapes
 from prelabel.errors import InvalidArgument
 from prelabel.models import backbones
-from prelabel.models.defaults import ensure_default_model
 from prelabel.models.runner import Runner
 from prelabel.training import calibration, data, engine, head, loop, stages, strategy
 from prelabel.training.augment import Augment
 from prelabel.training.similarity import confidence_similarity
+from prelabel.triton.defaults import ensure_default_model
 from prelabel.triton.repository import ModelRepository
 
 

@@ -13,13 +13,13 @@ from PIL import Image
 from prelabel.datasets import shapes
 from prelabel.datasets.store import dataset_store
 from prelabel.errors import InvalidArgument
-from prelabel.models.defaults import ensure_default_model
 from prelabel.preprocessing import Preprocess
 from prelabel.queue.contract import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED
 from prelabel.settings import Settings
 from prelabel.training import data, engine
 from prelabel.training.publish import published_by
 from prelabel.training.worker import Trainer
+from prelabel.triton.defaults import ensure_default_model
 from prelabel.triton.repository import repository_for
 from tests.conftest import encode
 

@@ -17,9 +17,9 @@ import sys
 from prelabel.errors import PrelabelError, Unavailable
 from prelabel.gateway.server import Gateway, start_gateway
 from prelabel.metrics import serve_metrics
-from prelabel.models.defaults import ensure_default_model
 from prelabel.settings import Settings
 from prelabel.training.pool import TrainerPool
+from prelabel.triton.defaults import ensure_default_model
 from prelabel.triton.repository import repository_for
 from prelabel.triton.supervisor import Ports, TritonSupervisor, free_port
 

@@ -155,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
 
             return worker.main(Settings.from_env(**options))
         if args.command == "init":
-            from prelabel.models.defaults import ensure_default_model
+            from prelabel.triton.defaults import ensure_default_model
             from prelabel.triton.repository import repository_for
 
             settings = Settings.from_env(data_dir=args.data_dir, model_repository=args.model_repository)

@@ -27,9 +27,9 @@ from typing import BinaryIO
 
 from prelabel.errors import InvalidArgument, NotFound, ResourceExhausted
 from prelabel.files import write_atomically
+from prelabel.names import validate_name
 from prelabel.preprocessing import ImageError, Preprocess, decode
 from prelabel.settings import Settings
-from prelabel.triton.repository import validate_name
 
 MIN_PER_CLASS = 3  # a class needs one validation and two training examples
 _PROBE = Preprocess(resize=8, crop=8)  # decoding at a tiny size proves an image is readable, cheaply

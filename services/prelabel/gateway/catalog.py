@@ -15,8 +15,10 @@ import time
 from dataclasses import dataclass
 
 from prelabel.errors import NotFound, PrelabelError, Unavailable, parse_number
+from prelabel.models.card import VersionCard
+from prelabel.names import validate_name
 from prelabel.triton.client import TritonClient
-from prelabel.triton.repository import ModelRepository, VersionCard, validate_name
+from prelabel.triton.repository import ModelRepository
 from prelabel.v1 import prelabel_pb2 as pb
 
 log = logging.getLogger("prelabel.gateway")

@@ -17,9 +17,10 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from prelabel.datasets.store import MIN_PER_CLASS, DatasetStore
 from prelabel.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable, parse_number
+from prelabel.names import validate_name
 from prelabel.queue.contract import TERMINAL, Job, JobQueue, check_job_id
 from prelabel.settings import Settings
-from prelabel.triton.repository import ModelRepository, validate_name
+from prelabel.triton.repository import ModelRepository
 from prelabel.v1 import prelabel_pb2 as pb
 
 log = logging.getLogger("prelabel.gateway")

@@ -16,8 +16,8 @@ import numpy.typing as npt
 import torch
 
 from prelabel.models import backbones
+from prelabel.models.card import VersionCard
 from prelabel.preprocessing import ImageError, decode
-from prelabel.triton.repository import VersionCard
 
 
 @dataclass

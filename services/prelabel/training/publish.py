@@ -15,10 +15,11 @@ import numpy as np
 import torch
 
 from prelabel.errors import PrelabelError
+from prelabel.models.card import VersionCard
 from prelabel.settings import Settings
 from prelabel.training.engine import Base, TrainResult
 from prelabel.triton.client import TritonClient
-from prelabel.triton.repository import ModelRepository, VersionCard
+from prelabel.triton.repository import ModelRepository
 
 log = logging.getLogger("prelabel.training")
 

@@ -8,26 +8,21 @@ Versions are written to a staging folder and renamed into place, so Triton never
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import re
 import shutil
 import tempfile
-import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-from prelabel.errors import InvalidArgument, NotFound, quote
+from prelabel.errors import NotFound
 from prelabel.files import write_atomically
-from prelabel.preprocessing import Preprocess
+from prelabel.models.card import VersionCard
+from prelabel.names import validate_name
 from prelabel.settings import Settings
 
 log = logging.getLogger("prelabel.repository")
-
-NAME_PATTERN = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")
 
 MODEL_PY = '''"""Written by Prelabel: every version is served by the same generic python backend model."""
 
@@ -54,47 +49,6 @@ instance_group [
   {{ count: {instance_count}, kind: {instance_kind} }}
 ]
 """
-
-
-def validate_name(name: str, what: str = "model") -> str:
-    """Names become folder names: lower-case letters, digits, '.', '_' and '-', at most 63."""
-    if not NAME_PATTERN.fullmatch(name) or ".." in name:  # fullmatch: "$" would let a final newline in
-        raise InvalidArgument(
-            f"{what} name {quote(name)} is not valid: use 1-63 lower-case letters, digits, '.', '_' or '-', "
-            "starting with a letter or digit"
-        )
-    return name
-
-
-@dataclass
-class VersionCard:
-    """What Prelabel knows about one model version (``card.json``)."""
-
-    arch: str
-    labels: list[str]
-    preprocess: Preprocess
-    base_model: str = ""
-    strategy: str = ""
-    strategy_reason: str = ""
-    metrics: dict[str, float] = field(default_factory=dict)
-    created_at: float = field(default_factory=time.time)
-    # Temperature for calibrated probabilities and the auto-accept threshold on them (None: never).
-    temperature: float = 1.0
-    auto_accept_threshold: float | None = None
-    pooling: str = "last"  # what the embedding is (models/backbones.py)
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    def to_json(self) -> str:
-        data = dict(self.__dict__)
-        data["preprocess"] = self.preprocess.to_dict()
-        return json.dumps(data, indent=2) + "\n"
-
-    @classmethod
-    def from_json(cls, text: str) -> VersionCard:
-        data = json.loads(text)
-        data["preprocess"] = Preprocess.from_dict(data["preprocess"])
-        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
-        return cls(**known)
 
 
 @dataclass(frozen=True)

@@ -15,8 +15,9 @@ import torch
 
 from prelabel.errors import InvalidArgument
 from prelabel.models import backbones, base
+from prelabel.models.card import VersionCard
 from prelabel.preprocessing import Preprocess
-from prelabel.triton.repository import ModelRepository, VersionCard
+from prelabel.triton.repository import ModelRepository
 
 log = logging.getLogger("prelabel.models")
 
