@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-import sys
 
 from prelabel.errors import PrelabelError, Unavailable
 from prelabel.gateway.server import Gateway, start_gateway
@@ -38,8 +37,9 @@ def supervisor_for(settings: Settings) -> TritonSupervisor:
     host = settings.triton_host
     return TritonSupervisor(
         repository=settings.repository,
-        workspace=settings.data_dir / "triton",
-        log_path=settings.data_dir / "logs" / "triton.log",
+        workspace=settings.triton_workspace,
+        url_file=settings.triton_url_file,
+        log_path=settings.logs / "triton.log",
         host=host,
         ports=Ports(
             settings.triton_grpc_port or free_port(host),
@@ -117,9 +117,7 @@ async def serve(settings: Settings, parts: str = "all") -> None:
 
 
 def run(settings: Settings, parts: str = "all") -> int:
-    logging.basicConfig(
-        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
-    )
+    settings.configure_logging()
     try:
         asyncio.run(serve(settings, parts))
     except PrelabelError as exc:

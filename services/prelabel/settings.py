@@ -7,7 +7,9 @@ that the gateway enforces lives here so that operators can tune it without code 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -41,6 +43,12 @@ class Settings:
     tls_key_file: Path | None = None
     tls_client_ca_file: Path | None = None
     auth_tokens_file: Path | None = None  # lines of "TOKEN SCOPE" (read | write); re-read when it changes
+
+    # The prelabel CLI as a client of a gateway: a bearer token, a CA to trust (TLS), its own certificate (mTLS)
+    token: str = ""
+    ca_cert: Path | None = None
+    client_cert: Path | None = None
+    client_key: Path | None = None
 
     # Limits (RESOURCE_EXHAUSTED / INVALID_ARGUMENT with a message naming the setting)
     max_images_per_request: int = 256
@@ -105,8 +113,27 @@ class Settings:
         return self.data_dir / "checkpoints"
 
     @property
+    def triton_workspace(self) -> Path:
+        """The embedded Triton's backends; ``url`` there names the running server while it runs."""
+        return self.data_dir / "triton"
+
+    @property
+    def triton_url_file(self) -> Path:
+        return self.triton_workspace / "url"
+
+    @property
+    def logs(self) -> Path:
+        return self.data_dir / "logs"
+
+    @property
     def embedded_triton(self) -> bool:
         return not self.triton_url
+
+    def configure_logging(self) -> None:
+        """Every long-running command logs alike: timestamp, level, component, message, to stderr."""
+        logging.basicConfig(
+            level=self.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+        )
 
     def replace(self, **changes: Any) -> Settings:
         return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})

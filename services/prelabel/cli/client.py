@@ -47,8 +47,8 @@ class Credentials:
     client_key: Path | None = None
 
     @classmethod
-    def from_args(cls, args: argparse.Namespace) -> Credentials:
-        return cls(args.token or "", args.ca_cert, args.client_cert, args.client_key)
+    def from_settings(cls, settings: Settings) -> Credentials:
+        return cls(settings.token, settings.ca_cert, settings.client_cert, settings.client_key)
 
     @property
     def tls(self) -> bool:
@@ -108,11 +108,6 @@ def channel(server: str, timeout: float, credentials: Credentials | None = None)
         yield grpc.intercept_channel(raw, _BearerToken(creds.token)) if creds.token else raw
 
 
-def _fail(exc: grpc.RpcError) -> int:
-    print(f"prelabel: {exc.code().name}: {exc.details()}", file=sys.stderr)
-    return 1
-
-
 def prediction_json(path: Path, response: pb.PredictResponse, p: pb.Prediction) -> dict[str, Any]:
     line: dict[str, Any] = {"path": str(path), "model": response.model, "version": response.version}
     if p.HasField("error"):
@@ -145,7 +140,7 @@ def batched(files: list[Path], count: int, max_bytes: int) -> Iterator[list[Path
         yield batch
 
 
-def predict(server: str, args: argparse.Namespace) -> int:
+def predict(server: str, creds: Credentials, args: argparse.Namespace) -> int:
     files = image_files(args.paths)
     if not files:
         raise InvalidArgument(
@@ -167,7 +162,7 @@ def predict(server: str, args: argparse.Namespace) -> int:
     failed = 0
     try:
         with (
-            channel(server, args.timeout, Credentials.from_args(args)) as ch,
+            channel(server, args.timeout, creds) as ch,
             tqdm(total=len(files), unit="img", disable=args.no_progress, file=sys.stderr) as bar,
         ):
             stub = rpc.PredictionServiceStub(ch)
@@ -176,8 +171,6 @@ def predict(server: str, args: argparse.Namespace) -> int:
                     failed += p.HasField("error")
                     out.write(json.dumps(prediction_json(path, response, p)) + "\n")
                 bar.update(len(batch))
-    except grpc.RpcError as exc:
-        return _fail(exc)
     finally:
         if args.out:
             out.close()
@@ -190,12 +183,9 @@ def predict(server: str, args: argparse.Namespace) -> int:
     return 0
 
 
-def models(server: str, args: argparse.Namespace) -> int:
-    try:
-        with channel(server, args.timeout, Credentials.from_args(args)) as ch:
-            response = rpc.ModelServiceStub(ch).ListModels(pb.ListModelsRequest(), timeout=args.timeout)
-    except grpc.RpcError as exc:
-        return _fail(exc)
+def models(server: str, creds: Credentials, args: argparse.Namespace) -> int:
+    with channel(server, args.timeout, creds) as ch:
+        response = rpc.ModelServiceStub(ch).ListModels(pb.ListModelsRequest(), timeout=args.timeout)
     print(f"{'MODEL':<24} {'VERSION':>7} {'READY':<5} {'ARCH':<20} {'CLASSES':>7}  BASE")
     for model in response.models:
         for v in model.versions:
@@ -209,21 +199,19 @@ def _code_name(code: int) -> str:
     return next((c.name for c in grpc.StatusCode if c.value[0] == code), str(code))
 
 
-def health(server: str, settings: Settings, args: argparse.Namespace) -> int:
+def health(server: str, creds: Credentials, settings: Settings, args: argparse.Namespace) -> int:
     """0 when the gateway's grpc.health.v1 says SERVING (or, with --metrics, when /metrics answers)."""
     if args.metrics:
-        url = f"http://127.0.0.1:{settings.metrics_port}/metrics"
+        host = settings.metrics_address
+        url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::', '') else host}:{settings.metrics_port}/metrics"
         try:
             with urllib.request.urlopen(url, timeout=args.timeout) as response:
                 return 0 if response.status == 200 else 1
         except OSError as exc:
             print(f"prelabel: {url} does not answer ({exc})", file=sys.stderr)
             return 1
-    try:
-        with channel(server, args.timeout, Credentials.from_args(args)) as ch:
-            status = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=args.timeout).status
-    except grpc.RpcError as exc:
-        return _fail(exc)
+    with channel(server, args.timeout, creds) as ch:
+        status = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=args.timeout).status
     name = health_pb2.HealthCheckResponse.ServingStatus.Name(status)
     print(name)
     return 0 if status == health_pb2.HealthCheckResponse.SERVING else 1

@@ -14,7 +14,7 @@ from typing import Any
 import grpc
 from tqdm import tqdm
 
-from prelabel.cli.client import Credentials, _fail, batched, channel
+from prelabel.cli.client import Credentials, batched, channel
 from prelabel.datasets.folder import labelled_files
 from prelabel.v1 import prelabel_pb2 as pb
 from prelabel.v1 import prelabel_pb2_grpc as rpc
@@ -64,38 +64,35 @@ def watch(stub: rpc.JobServiceStub, job: pb.Job, quiet: bool) -> pb.Job:
     return job
 
 
-def finetune(server: str, args: argparse.Namespace) -> int:
+def finetune(server: str, creds: Credentials, args: argparse.Namespace) -> int:
     files = labelled_files(args.folder)
     dataset = args.dataset or args.name
-    try:
-        with channel(server, args.timeout, Credentials.from_args(args)) as ch:
-            info = _upload(rpc.DatasetServiceStub(ch), dataset, files, args.no_progress)
-            counts = ", ".join(f"{c} {n}" for c, n in sorted(info.class_counts.items()))
-            print(f"dataset {info.name!r}: {info.example_count} images ({counts})", file=sys.stderr)
-            stub = rpc.JobServiceStub(ch)
-            job = stub.CreateFineTuneJob(
-                pb.CreateFineTuneJobRequest(
-                    dataset=dataset,
-                    base_model=args.base,
-                    output_model=args.name,
-                    strategy=pb.Strategy.Value(f"STRATEGY_{args.strategy.upper()}"),
-                    freeze_first_k=args.freeze_first_k,
-                    epochs=args.epochs,
-                    learning_rate=args.learning_rate,
-                    target_precision=args.target_precision,
-                    request_id=uuid.uuid4().hex,
-                ),
-                timeout=args.timeout,
-            )
-            print(f"job {job.id} {pb.JobState.Name(job.state)}", file=sys.stderr)
-            try:
-                job = watch(stub, job, args.no_progress)
-            except KeyboardInterrupt:
-                print(f"\nstopped watching; job {job.id} goes on (`prelabel jobs` shows it, "
-                      f"`prelabel jobs --cancel {job.id}` cancels it)", file=sys.stderr)  # fmt: skip
-                return 130
-    except grpc.RpcError as exc:
-        return _fail(exc)
+    with channel(server, args.timeout, creds) as ch:
+        info = _upload(rpc.DatasetServiceStub(ch), dataset, files, args.no_progress)
+        counts = ", ".join(f"{c} {n}" for c, n in sorted(info.class_counts.items()))
+        print(f"dataset {info.name!r}: {info.example_count} images ({counts})", file=sys.stderr)
+        stub = rpc.JobServiceStub(ch)
+        job = stub.CreateFineTuneJob(
+            pb.CreateFineTuneJobRequest(
+                dataset=dataset,
+                base_model=args.base,
+                output_model=args.name,
+                strategy=pb.Strategy.Value(f"STRATEGY_{args.strategy.upper()}"),
+                freeze_first_k=args.freeze_first_k,
+                epochs=args.epochs,
+                learning_rate=args.learning_rate,
+                target_precision=args.target_precision,
+                request_id=uuid.uuid4().hex,
+            ),
+            timeout=args.timeout,
+        )
+        print(f"job {job.id} {pb.JobState.Name(job.state)}", file=sys.stderr)
+        try:
+            job = watch(stub, job, args.no_progress)
+        except KeyboardInterrupt:
+            print(f"\nstopped watching; job {job.id} goes on (`prelabel jobs` shows it, "
+                  f"`prelabel jobs --cancel {job.id}` cancels it)", file=sys.stderr)  # fmt: skip
+            return 130
     return _report(job)
 
 
@@ -109,26 +106,23 @@ def _report(job: pb.Job) -> int:
     return 0
 
 
-def jobs(server: str, args: argparse.Namespace) -> int:
-    try:
-        with channel(server, args.timeout, Credentials.from_args(args)) as ch:
-            stub = rpc.JobServiceStub(ch)
-            if args.cancel:
-                job = stub.CancelJob(pb.CancelJobRequest(id=args.cancel), timeout=args.timeout)
-                print(f"job {job.id}: {pb.JobState.Name(job.state)} ({job.message or 'cancelled'})")
-                return 0
-            state: Any = pb.JobState.Value(args.state.upper()) if args.state else 0
-            found: list[pb.Job] = []
-            token = ""
-            while len(found) < args.limit:
-                page = stub.ListJobs(pb.ListJobsRequest(state=state, page_size=min(args.limit, 100), page_token=token),
-                                     timeout=args.timeout)  # fmt: skip
-                found.extend(page.jobs)
-                token = page.next_page_token
-                if not token:
-                    break
-    except grpc.RpcError as exc:
-        return _fail(exc)
+def jobs(server: str, creds: Credentials, args: argparse.Namespace) -> int:
+    with channel(server, args.timeout, creds) as ch:
+        stub = rpc.JobServiceStub(ch)
+        if args.cancel:
+            job = stub.CancelJob(pb.CancelJobRequest(id=args.cancel), timeout=args.timeout)
+            print(f"job {job.id}: {pb.JobState.Name(job.state)} ({job.message or 'cancelled'})")
+            return 0
+        state: Any = pb.JobState.Value(args.state.upper()) if args.state else 0
+        found: list[pb.Job] = []
+        token = ""
+        while len(found) < args.limit:
+            page = stub.ListJobs(pb.ListJobsRequest(state=state, page_size=min(args.limit, 100), page_token=token),
+                                 timeout=args.timeout)  # fmt: skip
+            found.extend(page.jobs)
+            token = page.next_page_token
+            if not token:
+                break
     print(f"{'ID':<32}  {'STATE':<9} {'PROGRESS':>8}  {'CREATED':<19}  {'MODEL':<28} DETAIL")
     for job in found[: args.limit]:
         created = datetime.fromtimestamp(job.created_at.seconds).strftime("%Y-%m-%d %H:%M:%S")

@@ -6,9 +6,10 @@ Flags override the ``PRELABEL_*`` environment variables of :class:`prelabel.sett
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
+
+import grpc
 
 from prelabel.errors import PrelabelError
 from prelabel.settings import Settings
@@ -33,13 +34,10 @@ def _client_flags(parser: argparse.ArgumentParser) -> None:
         "--server", default=None, help="gateway address HOST:PORT (default 127.0.0.1:PRELABEL_GRPC_PORT)"
     )
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for the gateway and each call")
-    env = os.environ.get
-    parser.add_argument("--token", default=env("PRELABEL_TOKEN"), help="bearer token (PRELABEL_TOKEN)")
-    parser.add_argument(
-        "--ca-cert", type=Path, default=env("PRELABEL_CA_CERT"), help="CA to trust: use TLS (PRELABEL_CA_CERT)"
-    )
-    parser.add_argument("--client-cert", type=Path, default=env("PRELABEL_CLIENT_CERT"), help="for mutual TLS")
-    parser.add_argument("--client-key", type=Path, default=env("PRELABEL_CLIENT_KEY"), help="for mutual TLS")
+    parser.add_argument("--token", help="bearer token (PRELABEL_TOKEN)")
+    parser.add_argument("--ca-cert", type=Path, help="CA to trust: use TLS (PRELABEL_CA_CERT)")
+    parser.add_argument("--client-cert", type=Path, help="for mutual TLS (PRELABEL_CLIENT_CERT)")
+    parser.add_argument("--client-key", type=Path, help="for mutual TLS (PRELABEL_CLIENT_KEY)")
 
 
 def _training_flags(parser: argparse.ArgumentParser) -> None:
@@ -168,17 +166,23 @@ def main(argv: list[str] | None = None) -> int:
             return train.train(Settings.from_env(data_dir=args.data_dir, triton_url=args.triton_url), args)
         from prelabel.cli import client
 
-        settings = Settings.from_env()
+        settings = Settings.from_env(token=args.token, ca_cert=args.ca_cert, client_cert=args.client_cert,
+                                     client_key=args.client_key)  # fmt: skip
         server = args.server or f"127.0.0.1:{settings.grpc_port}"
-        if args.command == "predict":
-            return client.predict(server, args)
-        if args.command == "health":
-            return client.health(server, settings, args)
-        if args.command in ("finetune", "jobs"):
-            from prelabel.cli import jobs
+        creds = client.Credentials.from_settings(settings)
+        try:
+            if args.command == "predict":
+                return client.predict(server, creds, args)
+            if args.command == "health":
+                return client.health(server, creds, settings, args)
+            if args.command in ("finetune", "jobs"):
+                from prelabel.cli import jobs
 
-            return jobs.finetune(server, args) if args.command == "finetune" else jobs.jobs(server, args)
-        return client.models(server, args)
+                return (jobs.finetune if args.command == "finetune" else jobs.jobs)(server, creds, args)
+            return client.models(server, creds, args)
+        except grpc.RpcError as exc:  # every client command: the status, and what the gateway said
+            print(f"prelabel: {exc.code().name}: {exc.details()}", file=sys.stderr)
+            return 1
     except PrelabelError as exc:
         print(f"prelabel: {exc.message}", file=sys.stderr)
         return 2

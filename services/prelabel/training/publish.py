@@ -65,7 +65,7 @@ def running_triton(settings: Settings) -> str:
     """The configured Triton, else the one a local ``prelabel serve`` runs on this data directory."""
     if settings.triton_url:
         return settings.triton_url
-    url_file = settings.data_dir / "triton" / "url"
+    url_file = settings.triton_url_file
     return url_file.read_text().strip() if url_file.is_file() else ""
 
 

@@ -18,7 +18,6 @@ import os
 import shutil
 import signal
 import socket
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -254,9 +253,7 @@ def _redacted(url: str) -> str:
 
 def main(settings: Settings) -> int:
     """``prelabel trainer``: run until SIGTERM or SIGINT, then hand the current job back."""
-    logging.basicConfig(
-        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
-    )
+    settings.configure_logging()
     try:
         trainer = Trainer(settings)
     except PrelabelError as exc:

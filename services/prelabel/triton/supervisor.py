@@ -90,6 +90,7 @@ class TritonSupervisor:
         self,
         repository: Path,
         workspace: Path,
+        url_file: Path,
         log_path: Path,
         host: str = "127.0.0.1",
         ports: Ports | None = None,
@@ -99,6 +100,7 @@ class TritonSupervisor:
     ) -> None:
         self.repository = repository
         self.workspace = workspace
+        self.url_file = url_file  # where a running supervisor leaves its gRPC address, for trainers to find
         self.log_path = log_path
         self.host = host
         self.ports = ports or Ports(free_port(host), free_port(host), free_port(host))
@@ -115,11 +117,6 @@ class TritonSupervisor:
     @property
     def url(self) -> str:
         return f"{'127.0.0.1' if self.host in ('0.0.0.0', '::') else self.host}:{self.ports.grpc}"
-
-    @property
-    def url_file(self) -> Path:
-        """Where a running supervisor leaves its gRPC address, for ``prelabel train`` to find it."""
-        return self.workspace / "url"
 
     @property
     def metrics_url(self) -> str:
