@@ -106,7 +106,7 @@ async def test_catalog_finds_versions_published_after_its_last_refresh(tmp_path)
     assert catalog.versions == {"pets": [1]} and not catalog.triton_up
     repo.add_version("pets", card(), lambda d: None)
     repo.add_version("cats", card(), lambda d: None)
-    catalog.triton_up, catalog.ready = True, {"pets": {1}}
+    catalog._reachable.up, catalog.ready = True, {"pets": {1}}
     # Found on disk though not ready: UNAVAILABLE (retry), not NOT_FOUND. A miss re-reads readiness
     # at once, which finds this Triton unreachable.
     with pytest.raises(Unavailable, match="retry shortly"):

@@ -15,7 +15,6 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
-    from prelabel.gateway.catalog import ModelCatalog
     from prelabel.queue.contract import JobQueue
 
 REGISTRY = CollectorRegistry()
@@ -117,31 +116,6 @@ class QueueCollector(Collector):
         age.add_metric([], stats.oldest_queued_age_s)
         expired.add_metric([], stats.expired_leases)
         yield from (jobs, age, expired)
-
-
-class ModelCollector(Collector):
-    """Versions per model and the newest ready version's auto-accept coverage, from the gateway's catalog."""
-
-    def __init__(self, catalog: ModelCatalog) -> None:
-        self.catalog = catalog
-
-    def collect(self) -> Iterator[Metric]:
-        versions = GaugeMetricFamily("prelabel_model_versions", "Versions in the model repository.", labels=["model"])
-        ready = GaugeMetricFamily("prelabel_model_ready_versions", "Versions ready in Triton.", labels=["model"])
-        coverage = GaugeMetricFamily(
-            "prelabel_model_auto_accept_coverage",
-            "Share of validation images auto-accepted by the newest ready version at its target precision.",
-            labels=["model"],
-        )
-        for name, numbers in sorted(self.catalog.versions.items()):
-            versions.add_metric([name], len(numbers))
-            live = self.catalog.ready.get(name, set())
-            ready.add_metric([name], len(live))
-            if live:
-                value = self.catalog.card(name, max(live)).metrics.get("auto_accept_coverage")
-                if value is not None:
-                    coverage.add_metric([name], value)
-        yield from (versions, ready, coverage)
 
 
 _collectors: dict[str, Collector] = {}

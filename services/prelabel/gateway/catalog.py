@@ -12,11 +12,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
+
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from prelabel.errors import NotFound, PrelabelError, Unavailable, parse_number
 from prelabel.models.card import VersionCard
 from prelabel.names import validate_name
+from prelabel.reachability import Reachability
 from prelabel.triton.client import TritonClient
 from prelabel.triton.repository import ModelRepository
 from prelabel.v1 import prelabel_pb2 as pb
@@ -41,7 +46,7 @@ class ModelCatalog:
         self._inflight: asyncio.Task[None] | None = None
         self._inflight_started = 0.0
         self.versions: dict[str, list[int]] = {}
-        self.triton_up = False
+        self._reachable = Reachability(log, up=False)
         self._cards: dict[tuple[str, int], VersionCard] = {}
         self._batch_sizes: dict[str, int] = {}
 
@@ -51,17 +56,20 @@ class ModelCatalog:
         try:
             states = await self.triton.model_index()
         except PrelabelError as exc:
-            if self.triton_up:
-                log.warning("Triton is unreachable: %s", exc.message)
-            self.triton_up, self.ready = False, {}
+            self._reachable.down(f"Triton is unreachable: {exc.message}")
+            self.ready = {}
             return
         ready: dict[str, set[int]] = {}
         for s in states:
-            if s.state == "READY" and s.version.isdigit():
+            if s.state == "READY" and s.version.isascii() and s.version.isdigit():
                 ready.setdefault(s.name, set()).add(int(s.version))
-        if not self.triton_up:
-            log.info("Triton is reachable; ready models: %s", {k: sorted(v) for k, v in ready.items()} or "none")
-        self.triton_up, self.ready = True, ready
+        listed = {k: sorted(v) for k, v in ready.items()} or "none"
+        self._reachable.back(f"Triton is reachable; ready models: {listed}")
+        self.ready = ready
+
+    @property
+    def triton_up(self) -> bool:
+        return self._reachable.up
 
     async def _refresh_since(self, since: float) -> None:
         """Readiness read by a refresh that started after ``since``; concurrent callers share one."""
@@ -142,3 +150,28 @@ class ModelCatalog:
         return pb.ListModelsResponse(
             models=[self.describe(name) for name in self.repository.models()], default_model=self.default_model
         )
+
+
+class ModelCollector(Collector):
+    """Versions per model and the newest ready version's auto-accept coverage, from the gateway's catalog."""
+
+    def __init__(self, catalog: ModelCatalog) -> None:
+        self.catalog = catalog
+
+    def collect(self) -> Iterator[Metric]:
+        versions = GaugeMetricFamily("prelabel_model_versions", "Versions in the model repository.", labels=["model"])
+        ready = GaugeMetricFamily("prelabel_model_ready_versions", "Versions ready in Triton.", labels=["model"])
+        coverage = GaugeMetricFamily(
+            "prelabel_model_auto_accept_coverage",
+            "Share of validation images auto-accepted by the newest ready version at its target precision.",
+            labels=["model"],
+        )
+        for name, numbers in sorted(self.catalog.versions.items()):
+            versions.add_metric([name], len(numbers))
+            live = self.catalog.ready.get(name, set())
+            ready.add_metric([name], len(live))
+            if live:
+                value = self.catalog.card(name, max(live)).metrics.get("auto_accept_coverage")
+                if value is not None:
+                    coverage.add_metric([name], value)
+        yield from (versions, ready, coverage)

@@ -19,6 +19,7 @@ from prelabel.datasets.store import MIN_PER_CLASS, DatasetStore
 from prelabel.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable, parse_number
 from prelabel.names import validate_name
 from prelabel.queue.contract import TERMINAL, Job, JobQueue, check_job_id
+from prelabel.reachability import Reachability
 from prelabel.settings import Settings
 from prelabel.triton.repository import ModelRepository
 from prelabel.v1 import prelabel_pb2 as pb
@@ -69,19 +70,15 @@ class Jobs:
         self.queue = queue
         self.store = store
         self.repository = repository
-        self._unreachable = False
+        self._queue = Reachability(log)  # not self.queue: whether it answers
 
     async def _call(self, fn: Callable[..., T], *args: object) -> T:
         try:
             value = await asyncio.to_thread(fn, *args)
         except Unavailable as exc:
-            if not self._unreachable:
-                log.warning("job queue unreachable: %s", exc.message)
-                self._unreachable = True
+            self._queue.down(f"job queue unreachable: {exc.message}")
             raise
-        if self._unreachable:
-            log.info("job queue reachable again")
-            self._unreachable = False
+        self._queue.back("job queue reachable again")
         return value
 
     async def create(self, request: pb.CreateFineTuneJobRequest) -> pb.Job:

@@ -24,7 +24,7 @@ from prelabel import metrics
 from prelabel.errors import DeadlineExceeded, InvalidArgument, PrelabelError, ResourceExhausted
 from prelabel.gateway.catalog import ModelCatalog, Resolved
 from prelabel.settings import Settings
-from prelabel.triton.client import InferOutputs
+from prelabel.triton.client import InferOutputs, TritonClient
 from prelabel.v1 import prelabel_pb2 as pb
 
 CODES = {code.name: code.value[0] for code in grpc.StatusCode}
@@ -59,9 +59,10 @@ class Scores:
 
 
 class Predictor:
-    def __init__(self, settings: Settings, catalog: ModelCatalog) -> None:
+    def __init__(self, settings: Settings, catalog: ModelCatalog, triton: TritonClient) -> None:
         self.settings = settings
-        self.catalog = catalog
+        self.catalog = catalog  # which version answers
+        self.triton = triton  # and the one way to reach it
 
     def _check(self, request: pb.PredictRequest, contents: list[bytes]) -> int:
         """Request-level limits; returns the effective top_k."""
@@ -150,7 +151,7 @@ class Predictor:
     async def _call(self, target: Resolved, images: list[bytes], embedding: bool, timeout: float) -> InferOutputs:
         started = time.perf_counter()
         try:
-            return await self.catalog.triton.infer(
+            return await self.triton.infer(
                 target.name, target.version, images, embedding, timeout, self.settings.max_image_pixels
             )
         except PrelabelError as exc:

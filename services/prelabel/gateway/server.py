@@ -18,7 +18,7 @@ from grpc_reflection.v1alpha import reflection
 
 from prelabel import metrics
 from prelabel.datasets.store import dataset_store
-from prelabel.gateway.catalog import ModelCatalog
+from prelabel.gateway.catalog import ModelCatalog, ModelCollector
 from prelabel.gateway.datasets import Datasets
 from prelabel.gateway.interceptors import ErrorsAndMetrics
 from prelabel.gateway.jobs import Jobs
@@ -77,7 +77,8 @@ async def _watch_triton(catalog: ModelCatalog, health_servicer: health.aio.Healt
 
 
 async def start_gateway(settings: Settings, triton_url: str, refresh_period_s: float = 1.0) -> Gateway:
-    catalog = ModelCatalog(repository_for(settings), TritonClient(triton_url), settings.default_model)
+    triton = TritonClient(triton_url)
+    catalog = ModelCatalog(repository_for(settings), triton, settings.default_model)
     credentials = server_credentials(settings)
     interceptors: list[aio.ServerInterceptor] = [ErrorsAndMetrics()]
     if settings.auth_tokens_file is not None:
@@ -89,12 +90,12 @@ async def start_gateway(settings: Settings, triton_url: str, refresh_period_s: f
             ("grpc.max_send_message_length", settings.max_message_bytes),
         ],
     )
-    rpc.add_PredictionServiceServicer_to_server(PredictionServicer(Predictor(settings, catalog)), server)
+    rpc.add_PredictionServiceServicer_to_server(PredictionServicer(Predictor(settings, catalog, triton)), server)
     rpc.add_ModelServiceServicer_to_server(ModelServicer(catalog), server)
     store = dataset_store(settings)
     queue = open_queue(settings.queue)
     metrics.watch("queue", metrics.QueueCollector(queue))
-    metrics.watch("models", metrics.ModelCollector(catalog))
+    metrics.watch("models", ModelCollector(catalog))
     rpc.add_DatasetServiceServicer_to_server(DatasetServicer(Datasets(store)), server)
     rpc.add_JobServiceServicer_to_server(JobServicer(Jobs(settings, queue, store, catalog.repository)), server)
     health_servicer = health.aio.HealthServicer()

@@ -28,6 +28,7 @@ from prelabel.datasets.store import dataset_store
 from prelabel.errors import FailedPrecondition, InvalidArgument, NotFound, PrelabelError, Unavailable
 from prelabel.queue import open_queue
 from prelabel.queue.contract import CANCELLED, FAILED, JOB_ID, QUEUED, SUCCEEDED, Job, JobQueue, check_job_id
+from prelabel.reachability import Reachability
 from prelabel.settings import Settings
 from prelabel.training import data, engine
 from prelabel.training.publish import load_into_triton, publish, running_triton
@@ -58,7 +59,7 @@ class Heartbeat(threading.Thread):
         self._changed.set()
 
     def run(self) -> None:
-        unreachable = False
+        queue = Reachability(log)
         while not self._done.is_set():
             self._changed.wait(self.lease_s / 3)
             self._changed.clear()
@@ -66,13 +67,9 @@ class Heartbeat(threading.Thread):
                 return
             try:
                 self.go_on = self.queue.heartbeat(self.job.id, self.worker, self.lease_s, self.progress, self.message)
-                if unreachable:
-                    log.info("job queue reachable again; job %s heartbeats resumed", self.job.id)
-                    unreachable = False
+                queue.back(f"job queue reachable again; job {self.job.id} heartbeats resumed")
             except Unavailable as exc:
-                if not unreachable:
-                    log.warning("heartbeat for job %s failed: %s; retrying", self.job.id, exc.message)
-                unreachable = True
+                queue.down(f"heartbeat for job {self.job.id} failed: {exc.message}; retrying")
             self._done.wait(self.MIN_GAP_S)
 
     def stop(self) -> None:
@@ -93,17 +90,13 @@ class Trainer:
     def run(self) -> None:
         """Take and run jobs until :attr:`stopping` is set."""
         log.info("trainer %s waiting for jobs on %s", self.name, _redacted(self.settings.queue))
-        unreachable = False
+        queue = Reachability(log)
         while not self.stopping.is_set():
             try:
                 job = self.queue.claim(self.name, self.settings.job_lease_s)
-                if unreachable:
-                    log.info("job queue reachable again at %s", _redacted(self.settings.queue))
-                    unreachable = False
+                queue.back(f"job queue reachable again at {_redacted(self.settings.queue)}")
             except Unavailable as exc:
-                if not unreachable:
-                    log.warning("%s; retrying every %.0fs", exc.message, self.settings.trainer_poll_s)
-                unreachable = True
+                queue.down(f"{exc.message}; retrying every {self.settings.trainer_poll_s:.0f}s")
                 job = None
             if job is None:
                 self.stopping.wait(self.settings.trainer_poll_s)
