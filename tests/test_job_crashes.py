@@ -17,6 +17,7 @@ from prelabel.datasets.store import dataset_store
 from prelabel.queue import open_queue
 from prelabel.queue.contract import RUNNING, SUCCEEDED, TERMINAL, Job, JobQueue
 from prelabel.settings import Settings
+from prelabel.spec import JobSpec
 from prelabel.training import engine
 from prelabel.training.publish import published_by
 from prelabel.triton.defaults import ensure_default_model
@@ -86,8 +87,8 @@ def training(job: Job | pb.Job) -> float:
 def test_kill_9_mid_training_resumes_from_checkpoints_and_publishes_once(tmp_path, queue_url):
     prepare(tmp_path, "crash")
     queue = open_queue(queue_url)
-    job = queue.submit({"dataset": "crash", "base_model": "prelabel-base", "output_model": "crash",
-                        "strategy": engine.FROM_SCRATCH, "epochs": 60}, max_attempts=6)  # fmt: skip
+    job = queue.submit(JobSpec(dataset="crash", base_model="prelabel-base", output_model="crash",
+                               strategy=engine.FROM_SCRATCH, epochs=60), max_attempts=6)  # fmt: skip
     saved = tmp_path / "checkpoints" / job.id / "training.pt"
     reached = 0.0
     for _ in range(3):
@@ -113,8 +114,8 @@ def test_kill_9_mid_training_resumes_from_checkpoints_and_publishes_once(tmp_pat
 def test_two_trainers_never_run_the_same_job(tmp_path, queue_url):
     prepare(tmp_path, "pair")
     queue = open_queue(queue_url)
-    jobs = [queue.submit({"dataset": "pair", "base_model": "prelabel-base", "output_model": f"pair-{i}",
-                          "strategy": engine.FEATURE_EXTRACTION}) for i in range(4)]  # fmt: skip
+    jobs = [queue.submit(JobSpec(dataset="pair", base_model="prelabel-base", output_model=f"pair-{i}",
+                                 strategy=engine.FEATURE_EXTRACTION)) for i in range(4)]  # fmt: skip
     workers = [trainer(tmp_path, queue_url), trainer(tmp_path, queue_url)]
     try:
         for job in jobs:

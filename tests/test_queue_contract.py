@@ -11,7 +11,8 @@ import pytest
 
 from prelabel.errors import FailedPrecondition, InvalidArgument, NotFound
 from prelabel.queue import open_queue
-from prelabel.queue.contract import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED, JobQueue
+from prelabel.queue.contract import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED, Job, JobQueue
+from prelabel.spec import AUTO, DEFAULT_TARGET_PRECISION, STRATEGIES, JobSpec, full_name
 from tests.stack import RedisServer
 
 
@@ -33,7 +34,7 @@ def queue(request: pytest.FixtureRequest, tmp_path: Path) -> JobQueue:
     return q
 
 
-SPEC = {"dataset": "pets", "base_model": "prelabel-base", "output_model": "pets"}
+SPEC = JobSpec(dataset="pets", base_model="prelabel-base", output_model="pets", base_version=1, dataset_revision=4)
 
 
 def test_submit_is_idempotent_and_durable(queue, tmp_path):
@@ -121,6 +122,26 @@ def test_a_cancelled_job_whose_attempt_failed_is_not_claimed_again(queue):
     ended = queue.finish(job.id, "w1", QUEUED, error="attempt 1 failed: out of memory")
     assert ended.state == CANCELLED and ended.finished_at > 0
     assert queue.claim("w2", 30) is None
+
+
+def test_the_spec_is_typed_round_trips_and_reads_what_older_writers_stored():
+    job = Job.new(SPEC)
+    assert Job.from_dict(job.to_dict()) == job and isinstance(Job.from_dict(job.to_dict()).spec, JobSpec)
+    stored = {"dataset": "d", "base_model": "b", "output_model": "o", "strategy": "", "target_precision": 0.0,
+              "from_a_newer_writer": 1}  # fmt: skip
+    spec = JobSpec.from_dict(stored)
+    assert (spec.strategy, spec.target_precision, spec.epochs) == (AUTO, DEFAULT_TARGET_PRECISION, 0)
+
+
+def test_strategy_names_are_the_protos_enum():
+    """Defined once in prelabel/spec.py; the contract (protos/) must say the same."""
+    from prelabel.cli.main import parser
+    from prelabel.v1 import prelabel_pb2 as pb
+
+    assert set(STRATEGIES) == set(pb.Strategy.keys()) - {"STRATEGY_UNSPECIFIED"}
+    train = parser()._subparsers._group_actions[0].choices["train"]  # type: ignore[union-attr]
+    choices = next(a.choices for a in train._actions if a.dest == "strategy")
+    assert [full_name(c) for c in choices] == list(STRATEGIES)
 
 
 def test_list_filters_and_paginates_newest_first(queue):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import threading
 import time
+from typing import Any
 
 import pytest
 import torch
@@ -16,6 +17,7 @@ from prelabel.errors import InvalidArgument
 from prelabel.preprocessing import Preprocess
 from prelabel.queue.contract import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED
 from prelabel.settings import Settings
+from prelabel.spec import JobSpec
 from prelabel.training import data, engine
 from prelabel.training.publish import published_by
 from prelabel.training.worker import Trainer
@@ -36,9 +38,9 @@ def trainer(tmp_path) -> Trainer:
     return Trainer(settings, name="test-worker")
 
 
-def spec(**changes: object) -> dict[str, object]:
-    return {"dataset": "novel", "base_model": "prelabel-base", "output_model": "novel", "strategy":
-            engine.FEATURE_EXTRACTION, **changes}  # fmt: skip
+def spec(**changes: Any) -> JobSpec:
+    return JobSpec(**{"dataset": "novel", "base_model": "prelabel-base", "output_model": "novel",
+                      "strategy": engine.FEATURE_EXTRACTION, **changes})  # fmt: skip
 
 
 def run_next(trainer: Trainer) -> None:

@@ -16,6 +16,7 @@ from tqdm import tqdm
 
 from prelabel.cli.client import Credentials, batched, channel
 from prelabel.datasets.folder import labelled_files
+from prelabel.spec import full_name
 from prelabel.v1 import prelabel_pb2 as pb
 from prelabel.v1 import prelabel_pb2_grpc as rpc
 
@@ -77,7 +78,7 @@ def finetune(server: str, creds: Credentials, args: argparse.Namespace) -> int:
                 dataset=dataset,
                 base_model=args.base,
                 output_model=args.name,
-                strategy=pb.Strategy.Value(f"STRATEGY_{args.strategy.upper()}"),
+                strategy=pb.Strategy.Value(full_name(args.strategy)),
                 freeze_first_k=args.freeze_first_k,
                 epochs=args.epochs,
                 learning_rate=args.learning_rate,

@@ -13,6 +13,7 @@ import grpc
 
 from prelabel.errors import PrelabelError
 from prelabel.settings import Settings
+from prelabel.spec import AUTO, DEFAULT_TARGET_PRECISION, STRATEGIES, short_name
 
 
 def _service_flags(parser: argparse.ArgumentParser) -> None:
@@ -41,15 +42,12 @@ def _client_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def _training_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--strategy",
-        default="auto",
-        choices=["auto", "feature_extraction", "freeze_first_k", "full_fine_tune", "from_scratch"],
-    )
+    parser.add_argument("--strategy", default=short_name(AUTO), choices=[short_name(s) for s in STRATEGIES])
     parser.add_argument("--freeze-first-k", type=int, default=0, help="stages to freeze (default: half)")
     parser.add_argument("--epochs", type=int, default=0, help="default: the strategy's")
     parser.add_argument("--learning-rate", type=float, default=0.0, help="the head's; default: the strategy's")
-    parser.add_argument("--target-precision", type=float, default=0.95, help="precision that auto-accept must reach")
+    parser.add_argument("--target-precision", type=float, default=DEFAULT_TARGET_PRECISION,
+                        help="precision that auto-accept must reach")  # fmt: skip
 
 
 def parser() -> argparse.ArgumentParser:

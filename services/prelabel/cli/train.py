@@ -9,14 +9,10 @@ import sys
 from tqdm import tqdm
 
 from prelabel.settings import Settings
+from prelabel.spec import full_name
 from prelabel.training import data, engine
 from prelabel.training.publish import load_into_triton, publish, running_triton
 from prelabel.triton.repository import repository_for
-
-
-def strategy_name(text: str) -> str:
-    name = text.upper()
-    return name if name.startswith("STRATEGY_") else f"STRATEGY_{name}"
 
 
 def train(settings: Settings, args: argparse.Namespace) -> int:
@@ -27,7 +23,7 @@ def train(settings: Settings, args: argparse.Namespace) -> int:
     counts = ", ".join(f"{c} {n}" for c, n in examples.counts().items())
     print(f"{len(examples)} images in {len(examples.classes)} classes ({counts})", file=sys.stderr)
     config = engine.TrainConfig(
-        strategy=strategy_name(args.strategy),
+        strategy=full_name(args.strategy),
         freeze_first_k=args.freeze_first_k,
         epochs=args.epochs,
         learning_rate=args.learning_rate,

@@ -19,6 +19,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from prelabel.errors import NotFound, PrelabelError, Unavailable, parse_number
+from prelabel.gateway.protos import version_to_pb
 from prelabel.models.card import VersionCard
 from prelabel.names import validate_name
 from prelabel.reachability import Reachability
@@ -130,20 +131,7 @@ class ModelCatalog:
             raise NotFound(f"model {name!r} does not exist; ListModels shows the models there are")
         ready = self.ready.get(name, set())
         model = pb.Model(name=name, default_version=str(max(ready)) if ready else "")
-        for number in versions:
-            card = self.card(name, number)
-            entry = pb.ModelVersion(
-                version=str(number),
-                base_model=card.base_model,
-                architecture=card.arch,
-                strategy=card.strategy if card.strategy in pb.Strategy.DESCRIPTOR.values_by_name else None,
-                strategy_reason=card.strategy_reason,
-                labels=card.labels,
-                metrics=card.metrics,
-                ready=number in ready,
-            )
-            entry.created_at.FromNanoseconds(int(card.created_at * 1e9))
-            model.versions.append(entry)
+        model.versions.extend(version_to_pb(n, self.card(name, n), n in ready) for n in versions)
         return model
 
     def list_models(self) -> pb.ListModelsResponse:

@@ -7,22 +7,12 @@ import logging
 from collections.abc import AsyncIterator, Callable
 
 from prelabel import metrics
-from prelabel.datasets.store import DatasetInfo, DatasetStore
+from prelabel.datasets.store import DatasetStore
 from prelabel.errors import InvalidArgument, quote
-from prelabel.gateway.jobs import timestamp
+from prelabel.gateway.protos import dataset_to_pb
 from prelabel.v1 import prelabel_pb2 as pb
 
 log = logging.getLogger("prelabel.gateway")
-
-
-def dataset_pb(info: DatasetInfo) -> pb.Dataset:
-    return pb.Dataset(
-        name=info.name,
-        example_count=info.example_count,
-        class_counts=info.class_counts,
-        created_at=timestamp(info.created_at),
-        updated_at=timestamp(info.updated_at),
-    )
 
 
 class Datasets:
@@ -54,10 +44,10 @@ class Datasets:
         metrics.EXAMPLES_UPLOADED.inc(len(upload.added))
         log.info("dataset %r: %d examples added (%d bytes), %d in all", info.name, len(upload.added), upload.bytes,
                  info.example_count)  # fmt: skip
-        return dataset_pb(info)
+        return dataset_to_pb(info)
 
     async def get(self, name: str) -> pb.Dataset:
-        return dataset_pb(await asyncio.to_thread(self.store.info, name))
+        return dataset_to_pb(await asyncio.to_thread(self.store.info, name))
 
     async def list(self) -> pb.ListDatasetsResponse:
-        return pb.ListDatasetsResponse(datasets=[dataset_pb(i) for i in await asyncio.to_thread(self.store.all)])
+        return pb.ListDatasetsResponse(datasets=[dataset_to_pb(i) for i in await asyncio.to_thread(self.store.all)])

@@ -11,16 +11,16 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable
-from typing import Any, TypeVar
-
-from google.protobuf.timestamp_pb2 import Timestamp
+from typing import TypeVar
 
 from prelabel.datasets.store import MIN_PER_CLASS, DatasetStore
 from prelabel.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable, parse_number
+from prelabel.gateway.protos import enum_name, job_to_pb
 from prelabel.names import validate_name
-from prelabel.queue.contract import TERMINAL, Job, JobQueue, check_job_id
+from prelabel.queue.contract import TERMINAL, JobQueue, check_job_id
 from prelabel.reachability import Reachability
 from prelabel.settings import Settings
+from prelabel.spec import AUTO, DEFAULT_TARGET_PRECISION, JobSpec
 from prelabel.triton.repository import ModelRepository
 from prelabel.v1 import prelabel_pb2 as pb
 
@@ -31,37 +31,6 @@ MAX_REQUEST_ID = 200
 MAX_EPOCHS = 1000
 MAX_PAGE_SIZE = 1000
 WATCH_POLL_S = 0.25
-
-
-def timestamp(seconds: float) -> Timestamp | None:
-    if not seconds:
-        return None
-    ts = Timestamp()
-    ts.FromNanoseconds(int(seconds * 1e9))
-    return ts
-
-
-def job_pb(job: Job) -> pb.Job:
-    spec, result = job.spec, job.result
-    return pb.Job(
-        id=job.id,
-        state=pb.JobState.Value(job.state),
-        progress=job.progress,
-        message=job.message,
-        dataset=spec.get("dataset", ""),
-        base_model=spec.get("base_model", ""),
-        output_model=spec.get("output_model", ""),
-        requested_strategy=pb.Strategy.Value(spec.get("strategy") or "STRATEGY_AUTO"),
-        chosen_strategy=pb.Strategy.Value(result.get("chosen_strategy") or "STRATEGY_UNSPECIFIED"),
-        strategy_reason=result.get("strategy_reason", ""),
-        model_version=result.get("model_version", ""),
-        metrics=job.metrics,
-        error=job.error,
-        attempts=job.attempts,
-        created_at=timestamp(job.created_at),
-        started_at=timestamp(job.started_at),
-        finished_at=timestamp(job.finished_at),
-    )
 
 
 class Jobs:
@@ -85,9 +54,9 @@ class Jobs:
         spec = await asyncio.to_thread(self._spec, request)
         job = await self._call(self.queue.submit, spec, request.request_id, self.settings.job_max_attempts)
         log.info("job %s: %s (request_id %r)", job.id, job.state, request.request_id)
-        return job_pb(job)
+        return job_to_pb(job)
 
-    def _spec(self, request: pb.CreateFineTuneJobRequest) -> dict[str, object]:
+    def _spec(self, request: pb.CreateFineTuneJobRequest) -> JobSpec:
         """The job as the trainer will run it: names resolved, the dataset pinned to its current revision.
 
         The request itself is checked before anything is looked up, so that a bad field is always
@@ -108,7 +77,10 @@ class Jobs:
         if not 0 <= request.learning_rate < 1:
             raise InvalidArgument(f"learning_rate={request.learning_rate} must be 0 (the default) or in (0, 1)")
         if not 0 <= request.target_precision < 1:
-            raise InvalidArgument(f"target_precision={request.target_precision} must be 0 (0.95) or in (0, 1)")
+            raise InvalidArgument(
+                f"target_precision={request.target_precision} must be 0 ({DEFAULT_TARGET_PRECISION}) or in (0, 1)"
+            )
+        strategy = enum_name(pb.Strategy, request.strategy, "strategy") or AUTO
         info = self.store.info(request.dataset)
         few = {c: n for c, n in info.class_counts.items() if n < MIN_PER_CLASS}
         if len(info.class_counts) < 2 or few:
@@ -119,36 +91,35 @@ class Jobs:
         versions = self.repository.versions(base)
         if not versions:
             raise NotFound(f"base_model {base!r} is not in the model repository; ListModels shows the models there are")
-        strategy = _enum_name(pb.Strategy, request.strategy, "strategy") or "STRATEGY_AUTO"
-        return {
-            "dataset": info.name,
-            "dataset_revision": info.revision,
-            "base_model": base,
-            "base_version": max(versions),
-            "output_model": request.output_model,
-            "strategy": strategy,
-            "freeze_first_k": request.freeze_first_k,
-            "epochs": request.epochs,
-            "learning_rate": request.learning_rate,
-            "target_precision": request.target_precision,
-        }
+        return JobSpec(
+            dataset=info.name,
+            dataset_revision=info.revision,
+            base_model=base,
+            base_version=max(versions),
+            output_model=request.output_model,
+            strategy=strategy,
+            freeze_first_k=request.freeze_first_k,
+            epochs=request.epochs,
+            learning_rate=request.learning_rate,
+            target_precision=request.target_precision or DEFAULT_TARGET_PRECISION,
+        )
 
     async def get(self, job_id: str) -> pb.Job:
-        return job_pb(await self._call(self.queue.get, check_job_id(job_id)))
+        return job_to_pb(await self._call(self.queue.get, check_job_id(job_id)))
 
     async def list(self, request: pb.ListJobsRequest) -> pb.ListJobsResponse:
-        state = _enum_name(pb.JobState, request.state, "state")
+        state = enum_name(pb.JobState, request.state, "state")
         if not 0 <= request.page_size <= MAX_PAGE_SIZE:
             raise InvalidArgument(f"page_size={request.page_size} must be 0 (50) to {MAX_PAGE_SIZE}")
         if request.page_token:
             parse_number(request.page_token, "page_token", "send one that ListJobs returned, or none")
         jobs, token = await self._call(self.queue.list, state, request.page_size or 50, request.page_token)
-        return pb.ListJobsResponse(jobs=[job_pb(j) for j in jobs], next_page_token=token)
+        return pb.ListJobsResponse(jobs=[job_to_pb(j) for j in jobs], next_page_token=token)
 
     async def cancel(self, job_id: str) -> pb.Job:
         job = await self._call(self.queue.cancel, check_job_id(job_id))
         log.info("job %s: cancel requested (%s)", job.id, job.state)
-        return job_pb(job)
+        return job_to_pb(job)
 
     async def watch(self, job_id: str) -> AsyncIterator[pb.Job]:
         """The job now, then after every change, ending with its terminal state."""
@@ -157,17 +128,7 @@ class Jobs:
             job = await self._call(self.queue.get, job_id)
             if job.revision != revision:
                 revision = job.revision
-                yield job_pb(job)
+                yield job_to_pb(job)
             if job.state in TERMINAL:
                 return
             await asyncio.sleep(WATCH_POLL_S)
-
-
-def _enum_name(enum: Any, number: int, field: str) -> str:
-    """The enum value's name, "" for 0 (unspecified)."""
-    try:
-        return str(enum.Name(number)) if number else ""
-    except ValueError:
-        raise InvalidArgument(
-            f"{field}={number} is not a known value; use one of {', '.join(enum.keys()[1:])}"
-        ) from None

@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, TypeVar
 
 from prelabel.errors import FailedPrecondition, InvalidArgument, quote
+from prelabel.spec import JobSpec
 
 QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = "QUEUED", "RUNNING", "SUCCEEDED", "FAILED", "CANCELLED"
 TERMINAL = (SUCCEEDED, FAILED, CANCELLED)
@@ -37,7 +38,7 @@ def check_job_id(job_id: str) -> str:
 @dataclass
 class Job:
     id: str
-    spec: dict[str, Any]  # dataset, base_model, output_model, strategy, epochs, ...
+    spec: JobSpec
     request_id: str = ""
     state: str = QUEUED
     progress: float = 0.0
@@ -56,15 +57,17 @@ class Job:
     revision: int = 1
 
     @classmethod
-    def new(cls, spec: dict[str, Any], request_id: str = "", max_attempts: int = 3) -> Job:
+    def new(cls, spec: JobSpec, request_id: str = "", max_attempts: int = 3) -> Job:
         return cls(id=uuid.uuid4().hex, spec=spec, request_id=request_id, max_attempts=max_attempts)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return asdict(self)  # the spec too, as a plain dict
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Job:
-        return cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})
+        values = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        values["spec"] = JobSpec.from_dict(values["spec"])
+        return cls(**values)
 
 
 @dataclass
@@ -76,7 +79,7 @@ class QueueStats:
 
 class JobQueue(ABC):
     @abstractmethod
-    def submit(self, spec: dict[str, Any], request_id: str = "", max_attempts: int = 3) -> Job: ...
+    def submit(self, spec: JobSpec, request_id: str = "", max_attempts: int = 3) -> Job: ...
 
     @abstractmethod
     def get(self, job_id: str) -> Job:

@@ -20,6 +20,7 @@ import redis
 
 from prelabel.errors import InvalidArgument, NotFound, Unavailable
 from prelabel.queue.contract import QUEUED, RUNNING, STATES, Job, JobQueue, QueueStats, take
+from prelabel.spec import JobSpec
 
 T = TypeVar("T")
 P = "prelabel:"
@@ -67,7 +68,7 @@ class RedisQueue(JobQueue):
         result: tuple[Job, T] = self._call(lambda: self.redis.transaction(transaction, key, value_from_callable=True))
         return result
 
-    def submit(self, spec: dict[str, Any], request_id: str = "", max_attempts: int = 3) -> Job:
+    def submit(self, spec: JobSpec, request_id: str = "", max_attempts: int = 3) -> Job:
         job = Job.new(spec, request_id, max_attempts)
 
         def transaction(pipe: Any) -> Job:

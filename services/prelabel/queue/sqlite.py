@@ -12,10 +12,11 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from prelabel.errors import InvalidArgument, NotFound, Unavailable
 from prelabel.queue.contract import QUEUED, RUNNING, STATES, Job, JobQueue, QueueStats, take
+from prelabel.spec import JobSpec
 
 T = TypeVar("T")
 
@@ -85,7 +86,7 @@ class SQLiteQueue(JobQueue):
             self._save(db, job)
             return job, outcome
 
-    def submit(self, spec: dict[str, Any], request_id: str = "", max_attempts: int = 3) -> Job:
+    def submit(self, spec: JobSpec, request_id: str = "", max_attempts: int = 3) -> Job:
         with self._transaction() as db:
             if request_id:
                 row = db.execute("SELECT doc FROM jobs WHERE request_id = ?", (request_id,)).fetchone()

@@ -38,6 +38,7 @@ from prelabel.files import write_atomically
 from prelabel.models import backbones
 from prelabel.models.base import reference_statistics
 from prelabel.preprocessing import Preprocess
+from prelabel.spec import DEFAULT_TARGET_PRECISION
 from prelabel.training import calibration, data, head, loop, stages
 from prelabel.training.loop import Stopped
 from prelabel.training.similarity import confidence_similarity, similarity
@@ -96,7 +97,7 @@ class TrainConfig:
     learning_rate: float = 0.0  # the head's peak; 0: the strategy's default
     seed: int = 0
     folds: int = 3  # cross-fitting folds (fewer when a class has fewer examples)
-    target_precision: float = 0.95
+    target_precision: float = DEFAULT_TARGET_PRECISION
     confidence: float = 1 - calibration.DELTA  # that auto-accept's precision holds
     device: str = "auto"
     trial: bool = True  # AUTO: confirm the rule's choice against feature extraction

@@ -11,18 +11,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-AUTO = "STRATEGY_AUTO"
-FEATURE_EXTRACTION = "STRATEGY_FEATURE_EXTRACTION"
-FREEZE_FIRST_K = "STRATEGY_FREEZE_FIRST_K"
-FULL_FINE_TUNE = "STRATEGY_FULL_FINE_TUNE"
-FROM_SCRATCH = "STRATEGY_FROM_SCRATCH"
-STRATEGIES = (AUTO, FEATURE_EXTRACTION, FREEZE_FIRST_K, FULL_FINE_TUNE, FROM_SCRATCH)
-NAMES = {
-    FEATURE_EXTRACTION: "feature extraction",
-    FREEZE_FIRST_K: "freeze the first k stages",
-    FULL_FINE_TUNE: "full fine-tuning",
-    FROM_SCRATCH: "training from scratch",
-}
+# The names are defined once, with the job spec (prelabel/spec.py); re-exported for the engine.
+from prelabel.spec import AUTO, FEATURE_EXTRACTION, FREEZE_FIRST_K, FROM_SCRATCH, FULL_FINE_TUNE, NAMES, STRATEGIES
+
+__all__ = ["AUTO", "FEATURE_EXTRACTION", "FREEZE_FIRST_K", "FROM_SCRATCH", "FULL_FINE_TUNE", "NAMES", "STRATEGIES",
+           "Decision", "decide"]  # fmt: skip
 
 # Below this many examples per class a dataset of similar images is "small" (feature extraction).
 SMALL_PER_CLASS = 20

@@ -110,7 +110,7 @@ class Trainer:
             log.error("refusing job %r: %s", job.id[:80], exc.message)
             self._end(job, FAILED, exc.message)
             return
-        log.info("job %s: attempt %d of %d, %s", job.id, job.attempts, job.max_attempts, _describe(job.spec))
+        log.info("job %s: attempt %d of %d, %s", job.id, job.attempts, job.max_attempts, job.spec.description)
         started = time.monotonic()
         heartbeat = Heartbeat(self.queue, job, self.name, self.settings.job_lease_s)
         heartbeat.start()
@@ -146,18 +146,18 @@ class Trainer:
             if should_stop():
                 raise engine.Stopped("stopped before training")
 
-        heartbeat.report(0.01, f"loading dataset {spec['dataset']!r}")
-        base = engine.load_base(self.repository, spec["base_model"], spec.get("base_version"))
-        images, labels = self.store.examples(spec["dataset"], spec.get("dataset_revision"))
+        heartbeat.report(0.01, f"loading dataset {spec.dataset!r}")
+        base = engine.load_base(self.repository, spec.base_model, spec.base_version)
+        images, labels = self.store.examples(spec.dataset, spec.dataset_revision)
         examples = data.from_encoded(images, labels, base.preprocess, max_pixels=self.settings.max_image_pixels,
                                      interrupt=check)  # fmt: skip
         config = engine.TrainConfig(
-            strategy=spec.get("strategy") or engine.AUTO,
-            freeze_first_k=int(spec.get("freeze_first_k", 0)),
-            epochs=int(spec.get("epochs", 0)),
-            learning_rate=float(spec.get("learning_rate", 0.0)),
-            target_precision=float(spec.get("target_precision") or 0.95),
-            seed=int(spec.get("seed", 0)),
+            strategy=spec.strategy,
+            freeze_first_k=spec.freeze_first_k,
+            epochs=spec.epochs,
+            learning_rate=spec.learning_rate,
+            target_precision=spec.target_precision,
+            seed=spec.seed,
             device=self.settings.trainer_device,
         )
 
@@ -176,13 +176,13 @@ class Trainer:
         # version published is a version the user said they did not want.
         if should_stop() or self.queue.get(job.id).cancel_requested:
             raise engine.Stopped("stopped before publishing")
-        heartbeat.report(0.9, f"publishing a new version of {spec['output_model']!r}")
+        heartbeat.report(0.9, f"publishing a new version of {spec.output_model!r}")
         published = time.monotonic()
-        version = publish(self.repository, spec["output_model"], result, base, job.id)
+        version = publish(self.repository, spec.output_model, result, base, job.id)
         url = running_triton(self.settings)
         if url:
-            heartbeat.report(0.95, f"loading {spec['output_model']!r} version {version} into Triton")
-            asyncio.run(load_into_triton(url, spec["output_model"]))
+            heartbeat.report(0.95, f"loading {spec.output_model!r} version {version} into Triton")
+            asyncio.run(load_into_triton(url, spec.output_model))
         metrics.PUBLISH_LATENCY.observe(time.monotonic() - published)
         metrics.VALIDATION_ACCURACY.set(result.metrics["val_accuracy"])
         return (
@@ -231,11 +231,6 @@ class Trainer:
                 log.warning("%s; retrying in %.0fs", exc.message, delay)
                 time.sleep(delay)
                 delay = min(delay * 2, 10.0)
-
-
-def _describe(spec: dict[str, Any]) -> str:
-    return (f"dataset {spec['dataset']!r} -> model {spec['output_model']!r} from {spec['base_model']!r}, "
-            f"{engine.NAMES.get(spec.get('strategy', ''), 'automatic strategy')}")  # fmt: skip
 
 
 def _redacted(url: str) -> str:
