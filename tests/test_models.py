@@ -122,7 +122,8 @@ def test_runner_labels_generated_images_and_reports_bad_ones(runner):
     predicted = [runner.card.labels[i] for i in out.probabilities[:40].argmax(1)]
     assert np.mean([p == t for p, t in zip(predicted, labels, strict=True)]) >= 0.7  # of 256 classes
     np.testing.assert_allclose(out.probabilities[:40].sum(1), 1.0, rtol=1e-5)
-    assert out.errors[:40] == [""] * 40 and "could not be decoded" in out.errors[40]
+    assert out.error_codes.tolist() == [0] * 40 + [3]  # INVALID_ARGUMENT, as a number: no text to parse
+    assert out.error_messages[:40] == [""] * 40 and "could not be decoded" in out.error_messages[40]
     assert not out.probabilities[40].any() and out.embeddings.shape == (41, 512)
 
 

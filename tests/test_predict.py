@@ -95,7 +95,7 @@ def test_large_photo_is_resized_not_rejected(predict_stub):
         ),
         (lambda imgs: request(imgs[:1], model="no-such-model"), grpc.StatusCode.NOT_FOUND, "does not exist"),
         (lambda imgs: request(imgs[:1], version="7"), grpc.StatusCode.NOT_FOUND, "no version 7"),
-        (lambda imgs: request(imgs[:1], version="latest"), grpc.StatusCode.INVALID_ARGUMENT, "not a number"),
+        (lambda imgs: request(imgs[:1], version="latest"), grpc.StatusCode.INVALID_ARGUMENT, "send a version number"),
         (lambda imgs: request(imgs[:1], model="../etc"), grpc.StatusCode.INVALID_ARGUMENT, "not valid"),
     ],
     ids=[

@@ -87,6 +87,19 @@ def test_a_stray_version_folder_is_skipped_with_a_warning_not_a_spin(tmp_path, c
     assert "hold no card.json" in caplog.text and "[2]" in caplog.text
 
 
+def test_configs_from_an_older_release_are_rewritten_at_start(tmp_path):
+    """Per-image errors travel as ERROR_CODE + ERROR_MESSAGE now (once a "CODE: message" string in ERROR)."""
+    repo = ModelRepository(tmp_path)
+    repo.add_version("m", card(), lambda folder: None)
+    config = tmp_path / "m" / "config.pbtxt"
+    old = config.read_text().replace('"ERROR_CODE", data_type: TYPE_INT32', '"ERROR", data_type: TYPE_STRING')
+    config.write_text(old)
+    repo.write_configs()
+    text = config.read_text()
+    assert '"ERROR_CODE", data_type: TYPE_INT32' in text and '"ERROR_MESSAGE", data_type: TYPE_STRING' in text
+    assert '"ERROR",' not in text
+
+
 def test_card_round_trip_ignores_unknown_fields():
     c = card(auto_accept_threshold=0.8, temperature=1.5)
     text = c.to_json().replace('"arch"', '"future_field": 1, "arch"')

@@ -52,7 +52,9 @@ def supervisor_for(settings: Settings) -> TritonSupervisor:
 
 async def _start_triton(settings: Settings) -> TritonSupervisor:
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    ensure_default_model(repository_for(settings), settings.default_model, settings.base_weights)
+    repository = repository_for(settings)
+    ensure_default_model(repository, settings.default_model, settings.base_weights)
+    repository.write_configs()  # a repository written by an older release gets this release's outputs
     supervisor = supervisor_for(settings)
     await supervisor.start()
     return supervisor

@@ -57,13 +57,16 @@ IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".
 
 
 class ImageError(ValueError):
-    """An image that cannot be used; the message says why, ``code`` is the gRPC status name."""
+    """An image that cannot be used; the message says why, ``code`` is the gRPC status name and
+    ``status`` its number, which travels from the Triton model to the gateway (``ERROR_CODE``)."""
 
     code = "INVALID_ARGUMENT"
+    status = 3
 
 
 class TooManyPixels(ImageError):
     code = "RESOURCE_EXHAUSTED"
+    status = 8
 
 
 def decode(content: bytes, preprocess: Preprocess, max_pixels: int = 0) -> npt.NDArray[Any]:

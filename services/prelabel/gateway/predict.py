@@ -27,7 +27,14 @@ from prelabel.settings import Settings
 from prelabel.triton.client import InferOutputs, TritonClient
 from prelabel.v1 import prelabel_pb2 as pb
 
-CODES = {code.name: code.value[0] for code in grpc.StatusCode}
+STATUS = {code.value[0]: code for code in grpc.StatusCode}
+
+
+def _failure(code: int, message: str) -> tuple[grpc.StatusCode, str] | None:
+    """The Triton model's per-image error, or None; an unknown code is still an error, not a success."""
+    if not code:
+        return None
+    return STATUS.get(code, grpc.StatusCode.INVALID_ARGUMENT), message
 
 
 @dataclass
@@ -80,16 +87,16 @@ class Predictor:
             )
         return request.top_k or s.default_top_k
 
-    def _unusable(self, content: bytes) -> str:
-        """Why an image is not sent to Triton at all ("CODE: message"), or ""."""
+    def _unusable(self, content: bytes) -> tuple[grpc.StatusCode, str] | None:
+        """Why an image is not sent to Triton at all, or None."""
         if not content:
-            return "INVALID_ARGUMENT: the image is empty; send the encoded file's bytes in Image.content"
+            return grpc.StatusCode.INVALID_ARGUMENT, "the image is empty; send the encoded file in Image.content"
         if len(content) > self.settings.max_image_bytes:
-            return (
-                f"RESOURCE_EXHAUSTED: the image is {len(content)} bytes, over the limit of "
+            return grpc.StatusCode.RESOURCE_EXHAUSTED, (
+                f"the image is {len(content)} bytes, over the limit of "
                 f"{self.settings.max_image_bytes} (PRELABEL_MAX_IMAGE_BYTES); downscale or recompress it"
             )
-        return ""
+        return None
 
     async def predict(self, request: pb.PredictRequest, time_remaining: float | None = None) -> pb.PredictResponse:
         contents = [image.content for image in request.images]  # upb copies bytes on each access: once
@@ -97,7 +104,7 @@ class Predictor:
         target = await self.catalog.resolve(request.model, request.version)
         metrics.IMAGE_BYTES.inc(sum(map(len, contents)))
         errors = [self._unusable(c) for c in contents]
-        usable = [i for i, e in enumerate(errors) if not e]
+        usable = [i for i, e in enumerate(errors) if e is None]
         outputs = await self._infer(target, [contents[i] for i in usable], request.include_embedding, time_remaining)
         scores = Scores.of(
             outputs.probabilities, target.card.labels, min(top_k, len(target.card.labels)),
@@ -108,12 +115,11 @@ class Predictor:
         for i, image in enumerate(request.images):
             p = response.predictions.add(image_id=image.id)
             r = rows.get(i)
-            error = errors[i] if r is None else outputs.errors[r]
-            if error:
-                code, _, p.error.message = error.partition(": ")
-                code = code if code in CODES else "INVALID_ARGUMENT"
-                p.error.code = CODES[code]
-                metrics.IMAGE_ERRORS.labels(code.lower()).inc()
+            error = errors[i] if r is None else _failure(outputs.error_codes[r], outputs.error_messages[r])
+            if error is not None:
+                code, p.error.message = error
+                p.error.code = code.value[0]
+                metrics.IMAGE_ERRORS.labels(code.name.lower()).inc()
                 continue
             assert r is not None
             for name, score in zip(scores.names[r], scores.scores[r], strict=True):
@@ -123,7 +129,7 @@ class Predictor:
             p.auto_accept = scores.accept[r]
             if outputs.embeddings is not None:
                 p.embedding.extend(outputs.embeddings[r].tolist())
-        metrics.IMAGES.labels(target.name).inc(len(usable) - sum(1 for e in outputs.errors if e))
+        metrics.IMAGES.labels(target.name).inc(len(usable) - sum(1 for c in outputs.error_codes if c))
         return response
 
     async def _infer(
@@ -131,7 +137,7 @@ class Predictor:
     ) -> InferOutputs:
         """All images through Triton, in concurrent chunks of the model's max batch size, in order."""
         if not images:
-            return InferOutputs(np.zeros((0, len(target.card.labels)), np.float32), None, [])
+            return InferOutputs(np.zeros((0, len(target.card.labels)), np.float32), None, [], [])
         timeout = self.settings.default_timeout_s
         if time_remaining is not None:
             if time_remaining <= 0:
@@ -145,7 +151,8 @@ class Predictor:
         return InferOutputs(
             np.concatenate([r.probabilities for r in results]),
             np.concatenate([r.embeddings for r in results if r.embeddings is not None]) if embedding else None,
-            [e for r in results for e in r.errors],
+            [c for r in results for c in r.error_codes],
+            [m for r in results for m in r.error_messages],
         )
 
     async def _call(self, target: Resolved, images: list[bytes], embedding: bool, timeout: float) -> InferOutputs:

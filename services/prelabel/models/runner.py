@@ -24,7 +24,8 @@ from prelabel.preprocessing import ImageError, decode
 class Outputs:
     probabilities: npt.NDArray[Any]  # float32 [N, classes]; zeros for failed images
     embeddings: npt.NDArray[Any]  # float32 [N, dim]
-    errors: list[str]  # "" where the image was used, else "STATUS_CODE: message"
+    error_codes: npt.NDArray[Any]  # int32 [N]: 0 where the image was used, else its gRPC status code
+    error_messages: list[str]  # "" where the image was used, else what is wrong with it
 
 
 class Runner:
@@ -41,11 +42,11 @@ class Runner:
         # PIL releases the GIL while decoding, so threads decode a batch in parallel.
         self.pool = ThreadPoolExecutor(max_workers=max(1, min(8, os.cpu_count() or 1)))
 
-    def _decode(self, content: bytes, max_pixels: int) -> npt.NDArray[Any] | str:
+    def _decode(self, content: bytes, max_pixels: int) -> npt.NDArray[Any] | ImageError:
         try:
             return decode(content, self.card.preprocess, max_pixels)
         except ImageError as exc:
-            return f"{exc.code}: {exc}"
+            return exc
 
     def run(self, images: list[bytes], max_pixels: list[int] | None = None) -> Outputs:
         """``max_pixels[i]`` bounds image i (0: no limit); the header is checked before decoding."""
@@ -54,16 +55,17 @@ class Runner:
             decoded = list(self.pool.map(self._decode, images, limits))
         else:
             decoded = [self._decode(images[0], limits[0])]
-        ok = [i for i, d in enumerate(decoded) if not isinstance(d, str)]
-        errors = [d if isinstance(d, str) else "" for d in decoded]
+        ok = [i for i, d in enumerate(decoded) if not isinstance(d, ImageError)]
+        codes = np.array([d.status if isinstance(d, ImageError) else 0 for d in decoded], dtype=np.int32)
+        messages = [str(d) if isinstance(d, ImageError) else "" for d in decoded]
         probabilities = np.zeros((len(images), len(self.card.labels)), dtype=np.float32)
         embeddings = np.zeros((len(images), self.model.embedding_dim), dtype=np.float32)
         if ok:
-            pixels = np.stack([decoded[i] for i in ok])
+            pixels = np.stack([d for d in decoded if not isinstance(d, ImageError)])
             probs, emb = self.forward(torch.from_numpy(pixels))
             probabilities[ok] = probs
             embeddings[ok] = emb
-        return Outputs(probabilities, embeddings, errors)
+        return Outputs(probabilities, embeddings, codes, messages)
 
     @torch.inference_mode()
     def forward(self, pixels: torch.Tensor) -> tuple[npt.NDArray[Any], npt.NDArray[Any]]:

@@ -35,7 +35,7 @@ CHANNEL_ARGS = [
     ("grpc.max_reconnect_backoff_ms", 1000),
 ]
 
-OUTPUTS = [triton_grpc.InferRequestedOutput("PROBABILITIES"), triton_grpc.InferRequestedOutput("ERROR")]
+OUTPUTS = [triton_grpc.InferRequestedOutput(name) for name in ("PROBABILITIES", "ERROR_CODE", "ERROR_MESSAGE")]
 OUTPUTS_WITH_EMBEDDING = [*OUTPUTS, triton_grpc.InferRequestedOutput("EMBEDDING")]
 
 
@@ -51,7 +51,8 @@ class ModelState:
 class InferOutputs:
     probabilities: npt.NDArray[Any]
     embeddings: npt.NDArray[Any] | None
-    errors: list[str]
+    error_codes: list[int]  # per image: 0, or the gRPC status code of why it got no prediction
+    error_messages: list[str]
 
 
 class TritonClient:
@@ -135,9 +136,11 @@ class TritonClient:
             )
         except InferenceServerException as exc:
             raise self.convert(exc, f"inference on {model}/{version}") from None
-        errors = result.as_numpy("ERROR").reshape(-1)
+        codes = result.as_numpy("ERROR_CODE").reshape(-1).tolist()
+        messages = result.as_numpy("ERROR_MESSAGE").reshape(-1)
         return InferOutputs(
             probabilities=result.as_numpy("PROBABILITIES"),
             embeddings=result.as_numpy("EMBEDDING") if want_embedding else None,
-            errors=[e.decode() if isinstance(e, bytes) else str(e) for e in errors],
+            error_codes=codes,
+            error_messages=[m.decode() if c else "" for c, m in zip(codes, messages, strict=True)],
         )

@@ -39,7 +39,8 @@ input [
 output [
   {{ name: "PROBABILITIES", data_type: TYPE_FP32, dims: [ -1 ] }},
   {{ name: "EMBEDDING", data_type: TYPE_FP32, dims: [ -1 ] }},
-  {{ name: "ERROR", data_type: TYPE_STRING, dims: [ 1 ] }}
+  {{ name: "ERROR_CODE", data_type: TYPE_INT32, dims: [ 1 ] }},
+  {{ name: "ERROR_MESSAGE", data_type: TYPE_STRING, dims: [ 1 ] }}
 ]
 version_policy: {{ all {{ }} }}
 dynamic_batching {{
@@ -124,6 +125,11 @@ class ModelRepository:
                         raise
         finally:
             shutil.rmtree(staging, ignore_errors=True)
+
+    def write_configs(self) -> None:
+        """Every model's ``config.pbtxt`` as this release writes it (outputs change between releases)."""
+        for name in self.models():
+            self._write_config(name)
 
     def _write_config(self, name: str) -> None:
         c = self.config

@@ -1,9 +1,10 @@
 """Prelabel's one Triton python-backend model, following Triton's ``add_sub`` example.
 
 Triton's dynamic batcher hands ``execute`` several requests at once; their images are run as one
-batch and split back, one response per request. An image that cannot be decoded gets a message in
-``ERROR`` (``"STATUS_CODE: message"``) instead of failing its batch; a request that is malformed as a
-whole gets a TritonError. The request parameter ``max_pixels`` bounds each image's pixel count.
+batch and split back, one response per request. An image that cannot be decoded gets its gRPC
+status code in ``ERROR_CODE`` and what is wrong in ``ERROR_MESSAGE`` (0 and "" for the others)
+instead of failing its batch; a request that is malformed as a whole gets a TritonError. The
+request parameter ``max_pixels`` bounds each image's pixel count.
 """
 
 from __future__ import annotations
@@ -51,10 +52,12 @@ class TritonPythonModel:
                 responses.append(pb_utils.InferenceResponse(output_tensors=[], error=span))
                 continue
             start, end = span
-            wanted = set(request.requested_output_names()) or {"PROBABILITIES", "EMBEDDING", "ERROR"}
+            wanted = set(request.requested_output_names()) or {"EMBEDDING"}
+            messages = np.array([[m.encode()] for m in outputs.error_messages[start:end]], dtype=np.object_)
             tensors = [
                 pb_utils.Tensor("PROBABILITIES", outputs.probabilities[start:end]),
-                pb_utils.Tensor("ERROR", np.array([[e.encode()] for e in outputs.errors[start:end]], dtype=np.object_)),
+                pb_utils.Tensor("ERROR_CODE", outputs.error_codes[start:end].reshape(-1, 1)),
+                pb_utils.Tensor("ERROR_MESSAGE", messages),
             ]
             if "EMBEDDING" in wanted:
                 tensors.append(pb_utils.Tensor("EMBEDDING", outputs.embeddings[start:end]))
