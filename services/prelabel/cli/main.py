@@ -155,7 +155,9 @@ def main(argv: list[str] | None = None) -> int:
             from prelabel.triton.repository import repository_for
 
             settings = Settings.from_env(data_dir=args.data_dir, model_repository=args.model_repository)
-            ensure_default_model(repository_for(settings), settings.default_model, settings.base_weights)
+            repository = repository_for(settings)
+            ensure_default_model(repository, settings.default_model, settings.base_weights)
+            repository.write_configs()  # this release's outputs, in a repository an older one wrote
             print(f"{settings.default_model} is in {settings.repository}")
             return 0
         if args.command == "train":
