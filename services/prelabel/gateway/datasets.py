@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 from prelabel import metrics
 from prelabel.datasets.store import DatasetStore
@@ -20,7 +20,7 @@ class Datasets:
         self.store = store
 
     async def upload(self, requests: AsyncIterator[pb.UploadExamplesRequest],
-                     abandoned: Callable[[], bool] = lambda: False) -> pb.Dataset:  # fmt: skip
+                     abandoned: Callable[[], Awaitable[bool]] | None = None) -> pb.Dataset:  # fmt: skip
         """All or nothing: examples are added only when the client ends its stream, not when it goes away."""
         upload = None
         async for request in requests:
@@ -35,7 +35,7 @@ class Datasets:
                 )
             examples = [(e.image.id, e.image.content, e.label) for e in request.examples]
             await asyncio.to_thread(upload.add, examples)
-        if abandoned():  # gRPC ends the request stream the same way when the client cancels
+        if abandoned is not None and await abandoned():  # not ended by the client: it went away
             log.info("upload to dataset %r abandoned by its client; nothing was added", upload.name if upload else "")
             raise asyncio.CancelledError
         if upload is None:

@@ -5,6 +5,7 @@ Errors are raised, never aborted here: ``interceptors.ErrorsAndMetrics`` maps th
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 from grpc import aio
@@ -15,6 +16,8 @@ from prelabel.gateway.jobs import Jobs
 from prelabel.gateway.predict import Predictor
 from prelabel.v1 import prelabel_pb2 as pb
 from prelabel.v1 import prelabel_pb2_grpc as rpc
+
+ABANDON_GRACE_STEPS = 20  # x 10 ms: how long a finished upload waits for a late cancellation
 
 
 class PredictionServicer(rpc.PredictionServiceServicer):  # type: ignore[misc]
@@ -49,9 +52,20 @@ class DatasetServicer(rpc.DatasetServiceServicer):  # type: ignore[misc]
     async def UploadExamples(
         self, requests: AsyncIterator[pb.UploadExamplesRequest], context: aio.ServicerContext
     ) -> pb.Dataset:
-        def abandoned() -> bool:  # the client cancelled, or its deadline passed, before it half-closed
-            remaining = context.time_remaining()
-            return bool(context.cancelled()) or (remaining is not None and remaining <= 0)
+        async def abandoned() -> bool:
+            """Did the client cancel, or its deadline pass, rather than end its stream?
+
+            gRPC ends the request stream the same way in all three cases; a cancellation is signalled
+            separately and may arrive a moment later, so it is awaited for up to 0.2 s. Within that
+            instant an upload can still be saved for a client that then sees CANCELLED: re-sending it
+            is harmless (an image sent again is relabelled, never counted twice).
+            """
+            for _ in range(ABANDON_GRACE_STEPS):
+                remaining = context.time_remaining()
+                if context.cancelled() or (remaining is not None and remaining <= 0):
+                    return True
+                await asyncio.sleep(0.01)
+            return False
 
         return await self.datasets.upload(requests, abandoned)
 
