@@ -18,8 +18,8 @@ def image(seed: int, fmt: str = "PNG") -> bytes:
     return encode(shapes.render(seed % 3, 32, np.random.default_rng(seed)), fmt)
 
 
-def add(store: DatasetStore, name: str, examples: list[tuple[bytes, str]]):
-    upload = store.upload(name)
+def add(store: DatasetStore, name: str, examples: list[tuple[bytes, str]], replace: bool = False):
+    upload = store.upload(name, replace)
     upload.add([(str(i), content, label) for i, (content, label) in enumerate(examples)])
     return upload.commit()
 
@@ -52,6 +52,19 @@ def test_an_image_sent_again_is_relabelled_not_counted_twice(tmp_path):
     add(store, "d", [(a, "cat"), (b, "dog")])
     info = add(store, "d", [(a, "dog")])
     assert info.example_count == 2 and info.class_counts == {"dog": 2}
+
+
+def test_a_replacing_upload_makes_the_dataset_exactly_what_it_sends(tmp_path):
+    store = DatasetStore(tmp_path)
+    a, b, c = image(1), image(2), image(3)
+    first = add(store, "d", [(a, "cat"), (b, "dog")])
+    info = add(store, "d", [(b, "cat"), (c, "dog")], replace=True)  # a deleted, b relabelled, c new
+    assert info.example_count == 2 and info.class_counts == {"cat": 1, "dog": 1}
+    assert store.examples("d") == ([b, c], ["cat", "dog"])
+    assert store.snapshot("d", first.revision) == store.snapshot("d", 2)  # a job's snapshot is unchanged
+    assert len(store.snapshot("d", first.revision)) == 2
+    again = add(store, "d", [(a, "cat")])  # a removed image can come back
+    assert again.example_count == 3 and store.examples("d")[1] == ["cat", "dog", "cat"]
 
 
 def test_a_snapshot_ignores_later_uploads(tmp_path):

@@ -7,7 +7,9 @@
 An upload is checked completely (labels, decodable images, limits) before anything is appended, then
 appended in one write under a lock, so a rejected upload leaves the dataset as it was. Sending an
 image the dataset already holds relabels it (the last label wins): annotation tools re-send
-corrected labels, and counting them twice would skew training. A fine-tune job trains on a
+corrected labels, and counting them twice would skew training. A *replacing* upload makes the dataset
+exactly what it sends: images it leaves out get a removal line (the digest and an empty label), so an
+annotation tool's full sync also carries deleted labels. A fine-tune job trains on a
 snapshot, the first ``revision`` lines of the log, so later uploads never change a running job.
 """
 
@@ -99,11 +101,11 @@ class DatasetStore:
 
     # -- writing ---------------------------------------------------------------------------------
 
-    def upload(self, name: str) -> Upload:
-        """Start an upload to ``name`` (created on commit if new)."""
-        return Upload(self, validate_name(name, "dataset"))
+    def upload(self, name: str, replace: bool = False) -> Upload:
+        """Start an upload to ``name`` (created on commit if new); ``replace``: it becomes exactly this upload."""
+        return Upload(self, validate_name(name, "dataset"), replace)
 
-    def _commit(self, name: str, added: list[tuple[str, str]]) -> DatasetInfo:
+    def _commit(self, name: str, added: list[tuple[str, str]], replace: bool = False) -> DatasetInfo:
         folder = self._folder(name)
         folder.mkdir(parents=True, exist_ok=True)
         with self._locked(folder):
@@ -111,7 +113,10 @@ class DatasetStore:
             path = folder / "summary.json"
             info = DatasetInfo(**json.loads(path.read_text())) if path.is_file() else DatasetInfo(name, created_at=now)
             labelled = self._replay(name, info.revision)
-            labelled.update(added)
+            kept = dict(added)
+            lines = [(digest, "") for digest in labelled if digest not in kept] if replace else []
+            lines += added
+            labelled = kept if replace else {**labelled, **kept}
             if len(labelled) > self.limits.max_examples:
                 raise ResourceExhausted(
                     f"dataset {name!r} would hold {len(labelled)} images, over the limit of "
@@ -122,10 +127,10 @@ class DatasetStore:
                 # written: that upload failed (its client saw an error), so they are dropped, not kept
                 # to shift every later snapshot.
                 log.truncate(self._log_offset(log, info.revision))
-                log.write("".join(f"{digest}\t{label}\n" for digest, label in added).encode())
+                log.write("".join(f"{digest}\t{label}\n" for digest, label in lines).encode())
                 log.flush()
                 os.fsync(log.fileno())
-            info.revision += len(added)
+            info.revision += len(lines)
             info.example_count = len(labelled)
             info.class_counts = dict(sorted(Counter(labelled.values()).items()))
             info.updated_at = now
@@ -158,7 +163,8 @@ class DatasetStore:
                 for _, line in zip(range(revision), log, strict=False):
                     digest, label = line.rstrip("\n").split("\t", 1)
                     labelled.pop(digest, None)  # a relabelled image moves to its latest position
-                    labelled[digest] = label
+                    if label:  # an empty label removes the image
+                        labelled[digest] = label
         return labelled
 
     @staticmethod
@@ -182,9 +188,10 @@ class Upload:
     """One ``UploadExamples`` stream: examples are checked and their images stored as they arrive;
     nothing is added to the dataset until :meth:`commit`."""
 
-    def __init__(self, store: DatasetStore, name: str) -> None:
+    def __init__(self, store: DatasetStore, name: str, replace: bool = False) -> None:
         self.store = store
         self.name = name
+        self.replace = replace
         self.added: list[tuple[str, str]] = []
         self.bytes = 0
 
@@ -215,4 +222,4 @@ class Upload:
     def commit(self) -> DatasetInfo:
         if not self.added:
             raise InvalidArgument(f"the upload to dataset {self.name!r} had no examples; send at least one")
-        return self.store._commit(self.name, self.added)
+        return self.store._commit(self.name, self.added, self.replace)

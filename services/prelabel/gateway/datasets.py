@@ -27,7 +27,7 @@ class Datasets:
             if upload is None:
                 if not request.dataset:
                     raise InvalidArgument("the first UploadExamplesRequest must name the dataset")
-                upload = self.store.upload(request.dataset)
+                upload = self.store.upload(request.dataset, request.replace)
             elif request.dataset and request.dataset != upload.name:
                 raise InvalidArgument(
                     f"one upload goes to one dataset: got {quote(request.dataset)} after {upload.name!r}; "

@@ -26,7 +26,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from google.rpc import status_pb2 as google_dot_rpc_dot_status__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aprelabel/v1/prelabel.proto\x12\x0bprelabel.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17google/rpc/status.proto\"$\n\x05Image\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\x0c\"~\n\x0ePredictRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\"\n\x06images\x18\x03 \x03(\x0b\x32\x12.prelabel.v1.Image\x12\r\n\x05top_k\x18\x04 \x01(\x05\x12\x19\n\x11include_embedding\x18\x05 \x01(\x08\"$\n\x05Label\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\"H\n\x0bUncertainty\x12\x0f\n\x07\x65ntropy\x18\x01 \x01(\x02\x12\x0e\n\x06margin\x18\x02 \x01(\x02\x12\x18\n\x10least_confidence\x18\x03 \x01(\x02\"\xbc\x01\n\nPrediction\x12\x10\n\x08image_id\x18\x01 \x01(\t\x12\"\n\x06labels\x18\x02 \x03(\x0b\x32\x12.prelabel.v1.Label\x12-\n\x0buncertainty\x18\x03 \x01(\x0b\x32\x18.prelabel.v1.Uncertainty\x12\x11\n\tembedding\x18\x04 \x03(\x02\x12\x13\n\x0b\x61uto_accept\x18\x05 \x01(\x08\x12!\n\x05\x65rror\x18\x06 \x01(\x0b\x32\x12.google.rpc.Status\"_\n\x0fPredictResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12,\n\x0bpredictions\x18\x03 \x03(\x0b\x32\x17.prelabel.v1.Prediction\"\xc3\x02\n\x0cModelVersion\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x12\n\nbase_model\x18\x02 \x01(\t\x12\'\n\x08strategy\x18\x03 \x01(\x0e\x32\x15.prelabel.v1.Strategy\x12\x0e\n\x06labels\x18\x04 \x03(\t\x12\x37\n\x07metrics\x18\x05 \x03(\x0b\x32&.prelabel.v1.ModelVersion.MetricsEntry\x12.\n\ncreated_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05ready\x18\x07 \x01(\x08\x12\x14\n\x0c\x61rchitecture\x18\x08 \x01(\t\x12\x17\n\x0fstrategy_reason\x18\t \x01(\t\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"[\n\x05Model\x12\x0c\n\x04name\x18\x01 \x01(\t\x12+\n\x08versions\x18\x02 \x03(\x0b\x32\x19.prelabel.v1.ModelVersion\x12\x17\n\x0f\x64\x65\x66\x61ult_version\x18\x03 \x01(\t\"\x13\n\x11ListModelsRequest\"O\n\x12ListModelsResponse\x12\"\n\x06models\x18\x01 \x03(\x0b\x32\x12.prelabel.v1.Model\x12\x15\n\rdefault_model\x18\x02 \x01(\t\"\x1f\n\x0fGetModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\";\n\x07\x45xample\x12!\n\x05image\x18\x01 \x01(\x0b\x32\x12.prelabel.v1.Image\x12\r\n\x05label\x18\x02 \x01(\t\"P\n\x15UploadExamplesRequest\x12\x0f\n\x07\x64\x61taset\x18\x01 \x01(\t\x12&\n\x08\x65xamples\x18\x02 \x03(\x0b\x32\x14.prelabel.v1.Example\"\xff\x01\n\x07\x44\x61taset\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x15\n\rexample_count\x18\x02 \x01(\x03\x12;\n\x0c\x63lass_counts\x18\x03 \x03(\x0b\x32%.prelabel.v1.Dataset.ClassCountsEntry\x12.\n\ncreated_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x1a\x32\n\x10\x43lassCountsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\"!\n\x11GetDatasetRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x15\n\x13ListDatasetsRequest\">\n\x14ListDatasetsResponse\x12&\n\x08\x64\x61tasets\x18\x01 \x03(\x0b\x32\x14.prelabel.v1.Dataset\"\xeb\x01\n\x18\x43reateFineTuneJobRequest\x12\x0f\n\x07\x64\x61taset\x18\x01 \x01(\t\x12\x12\n\nbase_model\x18\x02 \x01(\t\x12\x14\n\x0coutput_model\x18\x03 \x01(\t\x12\'\n\x08strategy\x18\x04 \x01(\x0e\x32\x15.prelabel.v1.Strategy\x12\x16\n\x0e\x66reeze_first_k\x18\x05 \x01(\x05\x12\x0e\n\x06\x65pochs\x18\x06 \x01(\x05\x12\x15\n\rlearning_rate\x18\x07 \x01(\x01\x12\x12\n\nrequest_id\x18\x08 \x01(\t\x12\x18\n\x10target_precision\x18\t \x01(\x01\"\xba\x04\n\x03Job\x12\n\n\x02id\x18\x01 \x01(\t\x12$\n\x05state\x18\x02 \x01(\x0e\x32\x15.prelabel.v1.JobState\x12\x10\n\x08progress\x18\x03 \x01(\x01\x12\x0f\n\x07message\x18\x04 \x01(\t\x12\x0f\n\x07\x64\x61taset\x18\x05 \x01(\t\x12\x12\n\nbase_model\x18\x06 \x01(\t\x12\x14\n\x0coutput_model\x18\x07 \x01(\t\x12\x31\n\x12requested_strategy\x18\x08 \x01(\x0e\x32\x15.prelabel.v1.Strategy\x12.\n\x0f\x63hosen_strategy\x18\t \x01(\x0e\x32\x15.prelabel.v1.Strategy\x12\x17\n\x0fstrategy_reason\x18\n \x01(\t\x12\x15\n\rmodel_version\x18\x0b \x01(\t\x12.\n\x07metrics\x18\x0c \x03(\x0b\x32\x1d.prelabel.v1.Job.MetricsEntry\x12\r\n\x05\x65rror\x18\r \x01(\t\x12\x10\n\x08\x61ttempts\x18\x0e \x01(\x05\x12.\n\ncreated_at\x18\x0f \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nstarted_at\x18\x10 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x66inished_at\x18\x11 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x1b\n\rGetJobRequest\x12\n\n\x02id\x18\x01 \x01(\t\"^\n\x0fListJobsRequest\x12$\n\x05state\x18\x01 \x01(\x0e\x32\x15.prelabel.v1.JobState\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"K\n\x10ListJobsResponse\x12\x1e\n\x04jobs\x18\x01 \x03(\x0b\x32\x10.prelabel.v1.Job\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x1e\n\x10\x43\x61ncelJobRequest\x12\n\n\x02id\x18\x01 \x01(\t\"\x1d\n\x0fWatchJobRequest\x12\n\n\x02id\x18\x01 \x01(\t*\xad\x01\n\x08Strategy\x12\x18\n\x14STRATEGY_UNSPECIFIED\x10\x00\x12\x11\n\rSTRATEGY_AUTO\x10\x01\x12\x1f\n\x1bSTRATEGY_FEATURE_EXTRACTION\x10\x02\x12\x1b\n\x17STRATEGY_FREEZE_FIRST_K\x10\x03\x12\x1b\n\x17STRATEGY_FULL_FINE_TUNE\x10\x04\x12\x19\n\x15STRATEGY_FROM_SCRATCH\x10\x05*h\n\x08JobState\x12\x19\n\x15JOB_STATE_UNSPECIFIED\x10\x00\x12\n\n\x06QUEUED\x10\x01\x12\x0b\n\x07RUNNING\x10\x02\x12\r\n\tSUCCEEDED\x10\x03\x12\n\n\x06\x46\x41ILED\x10\x04\x12\r\n\tCANCELLED\x10\x05\x32\xa9\x01\n\x11PredictionService\x12\x44\n\x07Predict\x12\x1b.prelabel.v1.PredictRequest\x1a\x1c.prelabel.v1.PredictResponse\x12N\n\rPredictStream\x12\x1b.prelabel.v1.PredictRequest\x1a\x1c.prelabel.v1.PredictResponse(\x01\x30\x01\x32\x9b\x01\n\x0cModelService\x12M\n\nListModels\x12\x1e.prelabel.v1.ListModelsRequest\x1a\x1f.prelabel.v1.ListModelsResponse\x12<\n\x08GetModel\x12\x1c.prelabel.v1.GetModelRequest\x1a\x12.prelabel.v1.Model2\xf7\x01\n\x0e\x44\x61tasetService\x12L\n\x0eUploadExamples\x12\".prelabel.v1.UploadExamplesRequest\x1a\x14.prelabel.v1.Dataset(\x01\x12\x42\n\nGetDataset\x12\x1e.prelabel.v1.GetDatasetRequest\x1a\x14.prelabel.v1.Dataset\x12S\n\x0cListDatasets\x12 .prelabel.v1.ListDatasetsRequest\x1a!.prelabel.v1.ListDatasetsResponse2\xd7\x02\n\nJobService\x12L\n\x11\x43reateFineTuneJob\x12%.prelabel.v1.CreateFineTuneJobRequest\x1a\x10.prelabel.v1.Job\x12\x36\n\x06GetJob\x12\x1a.prelabel.v1.GetJobRequest\x1a\x10.prelabel.v1.Job\x12G\n\x08ListJobs\x12\x1c.prelabel.v1.ListJobsRequest\x1a\x1d.prelabel.v1.ListJobsResponse\x12<\n\tCancelJob\x12\x1d.prelabel.v1.CancelJobRequest\x1a\x10.prelabel.v1.Job\x12<\n\x08WatchJob\x12\x1c.prelabel.v1.WatchJobRequest\x1a\x10.prelabel.v1.Job0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aprelabel/v1/prelabel.proto\x12\x0bprelabel.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17google/rpc/status.proto\"$\n\x05Image\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\x0c\"~\n\x0ePredictRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\"\n\x06images\x18\x03 \x03(\x0b\x32\x12.prelabel.v1.Image\x12\r\n\x05top_k\x18\x04 \x01(\x05\x12\x19\n\x11include_embedding\x18\x05 \x01(\x08\"$\n\x05Label\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\"H\n\x0bUncertainty\x12\x0f\n\x07\x65ntropy\x18\x01 \x01(\x02\x12\x0e\n\x06margin\x18\x02 \x01(\x02\x12\x18\n\x10least_confidence\x18\x03 \x01(\x02\"\xbc\x01\n\nPrediction\x12\x10\n\x08image_id\x18\x01 \x01(\t\x12\"\n\x06labels\x18\x02 \x03(\x0b\x32\x12.prelabel.v1.Label\x12-\n\x0buncertainty\x18\x03 \x01(\x0b\x32\x18.prelabel.v1.Uncertainty\x12\x11\n\tembedding\x18\x04 \x03(\x02\x12\x13\n\x0b\x61uto_accept\x18\x05 \x01(\x08\x12!\n\x05\x65rror\x18\x06 \x01(\x0b\x32\x12.google.rpc.Status\"_\n\x0fPredictResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12,\n\x0bpredictions\x18\x03 \x03(\x0b\x32\x17.prelabel.v1.Prediction\"\xc3\x02\n\x0cModelVersion\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x12\n\nbase_model\x18\x02 \x01(\t\x12\'\n\x08strategy\x18\x03 \x01(\x0e\x32\x15.prelabel.v1.Strategy\x12\x0e\n\x06labels\x18\x04 \x03(\t\x12\x37\n\x07metrics\x18\x05 \x03(\x0b\x32&.prelabel.v1.ModelVersion.MetricsEntry\x12.\n\ncreated_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05ready\x18\x07 \x01(\x08\x12\x14\n\x0c\x61rchitecture\x18\x08 \x01(\t\x12\x17\n\x0fstrategy_reason\x18\t \x01(\t\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"[\n\x05Model\x12\x0c\n\x04name\x18\x01 \x01(\t\x12+\n\x08versions\x18\x02 \x03(\x0b\x32\x19.prelabel.v1.ModelVersion\x12\x17\n\x0f\x64\x65\x66\x61ult_version\x18\x03 \x01(\t\"\x13\n\x11ListModelsRequest\"O\n\x12ListModelsResponse\x12\"\n\x06models\x18\x01 \x03(\x0b\x32\x12.prelabel.v1.Model\x12\x15\n\rdefault_model\x18\x02 \x01(\t\"\x1f\n\x0fGetModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\";\n\x07\x45xample\x12!\n\x05image\x18\x01 \x01(\x0b\x32\x12.prelabel.v1.Image\x12\r\n\x05label\x18\x02 \x01(\t\"a\n\x15UploadExamplesRequest\x12\x0f\n\x07\x64\x61taset\x18\x01 \x01(\t\x12&\n\x08\x65xamples\x18\x02 \x03(\x0b\x32\x14.prelabel.v1.Example\x12\x0f\n\x07replace\x18\x03 \x01(\x08\"\xff\x01\n\x07\x44\x61taset\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x15\n\rexample_count\x18\x02 \x01(\x03\x12;\n\x0c\x63lass_counts\x18\x03 \x03(\x0b\x32%.prelabel.v1.Dataset.ClassCountsEntry\x12.\n\ncreated_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x1a\x32\n\x10\x43lassCountsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\"!\n\x11GetDatasetRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x15\n\x13ListDatasetsRequest\">\n\x14ListDatasetsResponse\x12&\n\x08\x64\x61tasets\x18\x01 \x03(\x0b\x32\x14.prelabel.v1.Dataset\"\xeb\x01\n\x18\x43reateFineTuneJobRequest\x12\x0f\n\x07\x64\x61taset\x18\x01 \x01(\t\x12\x12\n\nbase_model\x18\x02 \x01(\t\x12\x14\n\x0coutput_model\x18\x03 \x01(\t\x12\'\n\x08strategy\x18\x04 \x01(\x0e\x32\x15.prelabel.v1.Strategy\x12\x16\n\x0e\x66reeze_first_k\x18\x05 \x01(\x05\x12\x0e\n\x06\x65pochs\x18\x06 \x01(\x05\x12\x15\n\rlearning_rate\x18\x07 \x01(\x01\x12\x12\n\nrequest_id\x18\x08 \x01(\t\x12\x18\n\x10target_precision\x18\t \x01(\x01\"\xba\x04\n\x03Job\x12\n\n\x02id\x18\x01 \x01(\t\x12$\n\x05state\x18\x02 \x01(\x0e\x32\x15.prelabel.v1.JobState\x12\x10\n\x08progress\x18\x03 \x01(\x01\x12\x0f\n\x07message\x18\x04 \x01(\t\x12\x0f\n\x07\x64\x61taset\x18\x05 \x01(\t\x12\x12\n\nbase_model\x18\x06 \x01(\t\x12\x14\n\x0coutput_model\x18\x07 \x01(\t\x12\x31\n\x12requested_strategy\x18\x08 \x01(\x0e\x32\x15.prelabel.v1.Strategy\x12.\n\x0f\x63hosen_strategy\x18\t \x01(\x0e\x32\x15.prelabel.v1.Strategy\x12\x17\n\x0fstrategy_reason\x18\n \x01(\t\x12\x15\n\rmodel_version\x18\x0b \x01(\t\x12.\n\x07metrics\x18\x0c \x03(\x0b\x32\x1d.prelabel.v1.Job.MetricsEntry\x12\r\n\x05\x65rror\x18\r \x01(\t\x12\x10\n\x08\x61ttempts\x18\x0e \x01(\x05\x12.\n\ncreated_at\x18\x0f \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nstarted_at\x18\x10 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x66inished_at\x18\x11 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x1b\n\rGetJobRequest\x12\n\n\x02id\x18\x01 \x01(\t\"^\n\x0fListJobsRequest\x12$\n\x05state\x18\x01 \x01(\x0e\x32\x15.prelabel.v1.JobState\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"K\n\x10ListJobsResponse\x12\x1e\n\x04jobs\x18\x01 \x03(\x0b\x32\x10.prelabel.v1.Job\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x1e\n\x10\x43\x61ncelJobRequest\x12\n\n\x02id\x18\x01 \x01(\t\"\x1d\n\x0fWatchJobRequest\x12\n\n\x02id\x18\x01 \x01(\t*\xad\x01\n\x08Strategy\x12\x18\n\x14STRATEGY_UNSPECIFIED\x10\x00\x12\x11\n\rSTRATEGY_AUTO\x10\x01\x12\x1f\n\x1bSTRATEGY_FEATURE_EXTRACTION\x10\x02\x12\x1b\n\x17STRATEGY_FREEZE_FIRST_K\x10\x03\x12\x1b\n\x17STRATEGY_FULL_FINE_TUNE\x10\x04\x12\x19\n\x15STRATEGY_FROM_SCRATCH\x10\x05*h\n\x08JobState\x12\x19\n\x15JOB_STATE_UNSPECIFIED\x10\x00\x12\n\n\x06QUEUED\x10\x01\x12\x0b\n\x07RUNNING\x10\x02\x12\r\n\tSUCCEEDED\x10\x03\x12\n\n\x06\x46\x41ILED\x10\x04\x12\r\n\tCANCELLED\x10\x05\x32\xa9\x01\n\x11PredictionService\x12\x44\n\x07Predict\x12\x1b.prelabel.v1.PredictRequest\x1a\x1c.prelabel.v1.PredictResponse\x12N\n\rPredictStream\x12\x1b.prelabel.v1.PredictRequest\x1a\x1c.prelabel.v1.PredictResponse(\x01\x30\x01\x32\x9b\x01\n\x0cModelService\x12M\n\nListModels\x12\x1e.prelabel.v1.ListModelsRequest\x1a\x1f.prelabel.v1.ListModelsResponse\x12<\n\x08GetModel\x12\x1c.prelabel.v1.GetModelRequest\x1a\x12.prelabel.v1.Model2\xf7\x01\n\x0e\x44\x61tasetService\x12L\n\x0eUploadExamples\x12\".prelabel.v1.UploadExamplesRequest\x1a\x14.prelabel.v1.Dataset(\x01\x12\x42\n\nGetDataset\x12\x1e.prelabel.v1.GetDatasetRequest\x1a\x14.prelabel.v1.Dataset\x12S\n\x0cListDatasets\x12 .prelabel.v1.ListDatasetsRequest\x1a!.prelabel.v1.ListDatasetsResponse2\xd7\x02\n\nJobService\x12L\n\x11\x43reateFineTuneJob\x12%.prelabel.v1.CreateFineTuneJobRequest\x1a\x10.prelabel.v1.Job\x12\x36\n\x06GetJob\x12\x1a.prelabel.v1.GetJobRequest\x1a\x10.prelabel.v1.Job\x12G\n\x08ListJobs\x12\x1c.prelabel.v1.ListJobsRequest\x1a\x1d.prelabel.v1.ListJobsResponse\x12<\n\tCancelJob\x12\x1d.prelabel.v1.CancelJobRequest\x1a\x10.prelabel.v1.Job\x12<\n\x08WatchJob\x12\x1c.prelabel.v1.WatchJobRequest\x1a\x10.prelabel.v1.Job0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -39,10 +39,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DATASET_CLASSCOUNTSENTRY']._serialized_options = b'8\001'
   _globals['_JOB_METRICSENTRY']._loaded_options = None
   _globals['_JOB_METRICSENTRY']._serialized_options = b'8\001'
-  _globals['_STRATEGY']._serialized_start=2821
-  _globals['_STRATEGY']._serialized_end=2994
-  _globals['_JOBSTATE']._serialized_start=2996
-  _globals['_JOBSTATE']._serialized_end=3100
+  _globals['_STRATEGY']._serialized_start=2838
+  _globals['_STRATEGY']._serialized_end=3011
+  _globals['_JOBSTATE']._serialized_start=3013
+  _globals['_JOBSTATE']._serialized_end=3117
   _globals['_IMAGE']._serialized_start=101
   _globals['_IMAGE']._serialized_end=137
   _globals['_PREDICTREQUEST']._serialized_start=139
@@ -70,39 +70,39 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_EXAMPLE']._serialized_start=1221
   _globals['_EXAMPLE']._serialized_end=1280
   _globals['_UPLOADEXAMPLESREQUEST']._serialized_start=1282
-  _globals['_UPLOADEXAMPLESREQUEST']._serialized_end=1362
-  _globals['_DATASET']._serialized_start=1365
-  _globals['_DATASET']._serialized_end=1620
-  _globals['_DATASET_CLASSCOUNTSENTRY']._serialized_start=1570
-  _globals['_DATASET_CLASSCOUNTSENTRY']._serialized_end=1620
-  _globals['_GETDATASETREQUEST']._serialized_start=1622
-  _globals['_GETDATASETREQUEST']._serialized_end=1655
-  _globals['_LISTDATASETSREQUEST']._serialized_start=1657
-  _globals['_LISTDATASETSREQUEST']._serialized_end=1678
-  _globals['_LISTDATASETSRESPONSE']._serialized_start=1680
-  _globals['_LISTDATASETSRESPONSE']._serialized_end=1742
-  _globals['_CREATEFINETUNEJOBREQUEST']._serialized_start=1745
-  _globals['_CREATEFINETUNEJOBREQUEST']._serialized_end=1980
-  _globals['_JOB']._serialized_start=1983
-  _globals['_JOB']._serialized_end=2553
+  _globals['_UPLOADEXAMPLESREQUEST']._serialized_end=1379
+  _globals['_DATASET']._serialized_start=1382
+  _globals['_DATASET']._serialized_end=1637
+  _globals['_DATASET_CLASSCOUNTSENTRY']._serialized_start=1587
+  _globals['_DATASET_CLASSCOUNTSENTRY']._serialized_end=1637
+  _globals['_GETDATASETREQUEST']._serialized_start=1639
+  _globals['_GETDATASETREQUEST']._serialized_end=1672
+  _globals['_LISTDATASETSREQUEST']._serialized_start=1674
+  _globals['_LISTDATASETSREQUEST']._serialized_end=1695
+  _globals['_LISTDATASETSRESPONSE']._serialized_start=1697
+  _globals['_LISTDATASETSRESPONSE']._serialized_end=1759
+  _globals['_CREATEFINETUNEJOBREQUEST']._serialized_start=1762
+  _globals['_CREATEFINETUNEJOBREQUEST']._serialized_end=1997
+  _globals['_JOB']._serialized_start=2000
+  _globals['_JOB']._serialized_end=2570
   _globals['_JOB_METRICSENTRY']._serialized_start=945
   _globals['_JOB_METRICSENTRY']._serialized_end=991
-  _globals['_GETJOBREQUEST']._serialized_start=2555
-  _globals['_GETJOBREQUEST']._serialized_end=2582
-  _globals['_LISTJOBSREQUEST']._serialized_start=2584
-  _globals['_LISTJOBSREQUEST']._serialized_end=2678
-  _globals['_LISTJOBSRESPONSE']._serialized_start=2680
-  _globals['_LISTJOBSRESPONSE']._serialized_end=2755
-  _globals['_CANCELJOBREQUEST']._serialized_start=2757
-  _globals['_CANCELJOBREQUEST']._serialized_end=2787
-  _globals['_WATCHJOBREQUEST']._serialized_start=2789
-  _globals['_WATCHJOBREQUEST']._serialized_end=2818
-  _globals['_PREDICTIONSERVICE']._serialized_start=3103
-  _globals['_PREDICTIONSERVICE']._serialized_end=3272
-  _globals['_MODELSERVICE']._serialized_start=3275
-  _globals['_MODELSERVICE']._serialized_end=3430
-  _globals['_DATASETSERVICE']._serialized_start=3433
-  _globals['_DATASETSERVICE']._serialized_end=3680
-  _globals['_JOBSERVICE']._serialized_start=3683
-  _globals['_JOBSERVICE']._serialized_end=4026
+  _globals['_GETJOBREQUEST']._serialized_start=2572
+  _globals['_GETJOBREQUEST']._serialized_end=2599
+  _globals['_LISTJOBSREQUEST']._serialized_start=2601
+  _globals['_LISTJOBSREQUEST']._serialized_end=2695
+  _globals['_LISTJOBSRESPONSE']._serialized_start=2697
+  _globals['_LISTJOBSRESPONSE']._serialized_end=2772
+  _globals['_CANCELJOBREQUEST']._serialized_start=2774
+  _globals['_CANCELJOBREQUEST']._serialized_end=2804
+  _globals['_WATCHJOBREQUEST']._serialized_start=2806
+  _globals['_WATCHJOBREQUEST']._serialized_end=2835
+  _globals['_PREDICTIONSERVICE']._serialized_start=3120
+  _globals['_PREDICTIONSERVICE']._serialized_end=3289
+  _globals['_MODELSERVICE']._serialized_start=3292
+  _globals['_MODELSERVICE']._serialized_end=3447
+  _globals['_DATASETSERVICE']._serialized_start=3450
+  _globals['_DATASETSERVICE']._serialized_end=3697
+  _globals['_JOBSERVICE']._serialized_start=3700
+  _globals['_JOBSERVICE']._serialized_end=4043
 # @@protoc_insertion_point(module_scope)

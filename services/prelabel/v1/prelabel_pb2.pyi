@@ -173,12 +173,14 @@ class Example(_message.Message):
     def __init__(self, image: _Optional[_Union[Image, _Mapping]] = ..., label: _Optional[str] = ...) -> None: ...
 
 class UploadExamplesRequest(_message.Message):
-    __slots__ = ("dataset", "examples")
+    __slots__ = ("dataset", "examples", "replace")
     DATASET_FIELD_NUMBER: _ClassVar[int]
     EXAMPLES_FIELD_NUMBER: _ClassVar[int]
+    REPLACE_FIELD_NUMBER: _ClassVar[int]
     dataset: str
     examples: _containers.RepeatedCompositeFieldContainer[Example]
-    def __init__(self, dataset: _Optional[str] = ..., examples: _Optional[_Iterable[_Union[Example, _Mapping]]] = ...) -> None: ...
+    replace: bool
+    def __init__(self, dataset: _Optional[str] = ..., examples: _Optional[_Iterable[_Union[Example, _Mapping]]] = ..., replace: _Optional[bool] = ...) -> None: ...
 
 class Dataset(_message.Message):
     __slots__ = ("name", "example_count", "class_counts", "created_at", "updated_at")

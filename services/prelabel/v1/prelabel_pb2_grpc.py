@@ -322,7 +322,8 @@ class DatasetServiceServicer:
     """
 
     def UploadExamples(self, request_iterator, context):
-        """Client-streaming upload: send examples in as many messages as needed; appends to the dataset.
+        """Client-streaming upload: send examples in as many messages as needed; appends to the dataset
+        (or, with replace, makes it exactly the uploaded examples).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
