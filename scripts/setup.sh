@@ -13,6 +13,7 @@ if [[ "${1:-}" == "--test" ]]; then
   command -v redis-server >/dev/null || packages+=(redis-server)
   command -v promtool >/dev/null || packages+=(prometheus)          # promtool check metrics/rules
   command -v kubectl >/dev/null || packages+=(kubernetes-client)    # kubectl kustomize
+  command -v chromium >/dev/null || packages+=(chromium)            # the Label Studio browser test
 fi
 if ((${#packages[@]})); then
   sudo=""; [[ $(id -u) -eq 0 ]] || sudo="sudo"
@@ -27,4 +28,13 @@ echo "setup: installing Prelabel${extra} into .venv (torch takes a minute the fi
 .venv/bin/pip install --quiet --disable-pip-version-check -e ".${extra}" 2>&1 | grep -v "^WARNING: Location" || true
 .venv/bin/python -c "import prelabel, torch, tritonclient.grpc, pytriton" \
   || { echo "setup: the installation is incomplete; see pip's output above" >&2; exit 1; }
+if [[ "${1:-}" == "--test" && ! -x .venv-labelstudio/bin/label-studio ]]; then
+  # A real Label Studio for tests/test_labelstudio.py, in a virtualenv of its own (its pins clash with ours).
+  echo "setup: installing label-studio into .venv-labelstudio (about a minute, 1 GB)"
+  "$python" -m venv .venv-labelstudio
+  .venv-labelstudio/bin/pip install --quiet --disable-pip-version-check "label-studio==1.23.2" 2>&1 \
+    | grep -v "^WARNING: Location" || true
+  .venv-labelstudio/bin/python -c "import label_studio" \
+    || { echo "setup: label-studio did not install; see pip's output above" >&2; exit 1; }
+fi
 echo "setup: done"

@@ -133,3 +133,28 @@ def serve_metrics(port: int, host: str) -> int:
     """Expose ``/metrics`` on ``host:port`` (0 picks a port); returns the port."""
     server, _ = start_http_server(port, addr=host, registry=REGISTRY)
     return int(server.server_port)
+
+
+# The Label Studio adapter (`prelabel labelstudio`)
+LS_REQUESTS = Counter(
+    "prelabel_labelstudio_requests", "HTTP calls from Label Studio, by path and status.", ["path", "status"],
+    registry=REGISTRY,
+)  # fmt: skip
+LS_LATENCY = Histogram(
+    "prelabel_labelstudio_request_duration_seconds", "Latency of calls from Label Studio, by path.", ["path"],
+    buckets=LATENCY_BUCKETS, registry=REGISTRY,
+)  # fmt: skip
+LS_TASKS = Counter(
+    "prelabel_labelstudio_tasks", "Tasks answered by /predict: labelled, empty (no project choice), failed (image).",
+    ["outcome"], registry=REGISTRY,
+)  # fmt: skip
+LS_WEBHOOKS = Counter("prelabel_labelstudio_webhooks", "Webhook events received, by action.", ["action"],
+                      registry=REGISTRY)  # fmt: skip
+LS_TRAINING = Counter(
+    "prelabel_labelstudio_training_runs", "Training runs the adapter followed to their end, by outcome.", ["outcome"],
+    registry=REGISTRY,
+)  # fmt: skip
+LS_JOB_PROGRESS = Gauge(
+    "prelabel_labelstudio_job_progress", "Progress (0-1) of the last fine-tune job followed, by project.", ["project"],
+    registry=REGISTRY,
+)  # fmt: skip

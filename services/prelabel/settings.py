@@ -88,6 +88,18 @@ class Settings:
     max_examples_per_dataset: int = 1_000_000
     max_label_chars: int = 128
 
+    # The Label Studio ML backend (`prelabel labelstudio`), a client of the gateway like the CLI
+    labelstudio_host: str = "127.0.0.1"
+    labelstudio_port: int = 9090  # 0 picks a free port
+    labelstudio_url: str = ""  # Label Studio's address, until /setup tells it (training from webhooks)
+    labelstudio_api_token: str = ""  # its API token, likewise (/setup sends the project's own)
+    labelstudio_basic_auth: str = ""  # "USER:PASSWORD" that Label Studio must send (its BASIC_AUTH)
+    labelstudio_model: str = ""  # the model that pre-labels and is fine-tuned; empty: the gateway's default
+    labelstudio_project_models: str = ""  # per project: "ID=MODEL,ID=MODEL"
+    labelstudio_train_every: int = 20  # annotation changes that start a fine-tune; 0: only on START_TRAINING
+    labelstudio_strategy: str = "auto"  # auto, feature_extraction, freeze_first_k, full_fine_tune, from_scratch
+    labelstudio_batch_size: int = 32  # images per Predict call
+
     log_level: str = "INFO"
 
     @property

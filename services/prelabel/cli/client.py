@@ -54,6 +54,13 @@ class Credentials:
     def tls(self) -> bool:
         return bool(self.ca_cert or self.client_cert)
 
+    def ssl(self) -> grpc.ChannelCredentials:
+        return grpc.ssl_channel_credentials(
+            root_certificates=self.ca_cert.read_bytes() if self.ca_cert else None,
+            private_key=self.client_key.read_bytes() if self.client_key else None,
+            certificate_chain=self.client_cert.read_bytes() if self.client_cert else None,
+        )
+
 
 _INTERCEPTORS: tuple[Any, ...] = (
     grpc.UnaryUnaryClientInterceptor,
@@ -88,12 +95,7 @@ def channel(server: str, timeout: float, credentials: Credentials | None = None)
     creds = credentials or Credentials()
     options = [("grpc.max_receive_message_length", MAX_MESSAGE), ("grpc.max_send_message_length", MAX_MESSAGE)]
     if creds.tls:
-        ssl = grpc.ssl_channel_credentials(
-            root_certificates=creds.ca_cert.read_bytes() if creds.ca_cert else None,
-            private_key=creds.client_key.read_bytes() if creds.client_key else None,
-            certificate_chain=creds.client_cert.read_bytes() if creds.client_cert else None,
-        )
-        raw = grpc.secure_channel(server, ssl, options=options)
+        raw = grpc.secure_channel(server, creds.ssl(), options=options)
     else:
         raw = grpc.insecure_channel(server, options=options)
     with raw:

@@ -15,6 +15,15 @@ from prelabel.errors import PrelabelError
 from prelabel.settings import Settings
 from prelabel.spec import AUTO, DEFAULT_TARGET_PRECISION, STRATEGIES, short_name
 
+LABEL_STUDIO_HELP = """Run Label Studio's ML backend in front of a Prelabel gateway (a gRPC client, like predict).
+
+Connect it to a project: in Label Studio, Settings > Model > Connect Model, URL http://HOST:9090;
+or through its API: POST /api/ml {"url": "http://HOST:9090", "project": ID}. With --basic-auth,
+choose "basic auth" there and give the same user and password. Label Studio must allow the
+backend's address: ML_BLOCK_LOCAL_IP=false and SSRF_PROTECTION_ENABLED=false for a backend on a
+loopback or private address. See docs/labelstudio.md.
+"""
+
 
 def _service_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-dir", type=Path, help="where models, logs and data live (PRELABEL_DATA_DIR)")
@@ -132,6 +141,52 @@ def parser() -> argparse.ArgumentParser:
     init = commands.add_parser("init", help="put the default model into the model repository (what serve does first)")
     _service_flags(init)
 
+    studio = commands.add_parser(
+        "labelstudio", help="run a Label Studio ML backend: pre-label its tasks, fine-tune on its annotations",
+        description=LABEL_STUDIO_HELP, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )  # fmt: skip
+    studio.add_argument("--host", dest="labelstudio_host", help="address to listen on (PRELABEL_LABELSTUDIO_HOST, "
+                        "127.0.0.1; 0.0.0.0 when Label Studio runs elsewhere)")  # fmt: skip
+    studio.add_argument("--port", dest="labelstudio_port", type=int, help="HTTP port (PRELABEL_LABELSTUDIO_PORT, 9090)")
+    studio.add_argument(
+        "--model",
+        dest="labelstudio_model",
+        help="model that pre-labels and is fine-tuned (default: the gateway's default model)",
+    )
+    studio.add_argument(
+        "--project-model",
+        dest="labelstudio_project_models",
+        metavar="ID=MODEL[,ID=MODEL]",
+        help="a different model for some projects (PRELABEL_LABELSTUDIO_PROJECT_MODELS)",
+    )
+    studio.add_argument("--train-every", dest="labelstudio_train_every", type=int,
+                        help="annotation changes that start a fine-tune, 0: only Label Studio's Start Training "
+                        "(PRELABEL_LABELSTUDIO_TRAIN_EVERY, 20)")  # fmt: skip
+    studio.add_argument(
+        "--strategy",
+        dest="labelstudio_strategy",
+        choices=[short_name(s) for s in STRATEGIES],
+        help="fine-tuning strategy (default auto)",
+    )
+    studio.add_argument(
+        "--basic-auth",
+        dest="labelstudio_basic_auth",
+        metavar="USER:PASSWORD",
+        help="require HTTP basic auth from Label Studio (PRELABEL_LABELSTUDIO_BASIC_AUTH)",
+    )
+    studio.add_argument(
+        "--label-studio-url",
+        dest="labelstudio_url",
+        help="Label Studio's address, for training before /setup told it (PRELABEL_LABELSTUDIO_URL)",
+    )
+    studio.add_argument(
+        "--label-studio-token",
+        dest="labelstudio_api_token",
+        help="Label Studio API token, likewise (PRELABEL_LABELSTUDIO_API_TOKEN)",
+    )
+    studio.add_argument("--batch-size", dest="labelstudio_batch_size", type=int, help="images per Predict call (32)")
+    _client_flags(studio)
+
     models = commands.add_parser("models", help="list models and their versions")
     _client_flags(models)
     return root
@@ -164,6 +219,14 @@ def main(argv: list[str] | None = None) -> int:
             from prelabel.cli import train
 
             return train.train(Settings.from_env(data_dir=args.data_dir, triton_url=args.triton_url), args)
+        if args.command == "labelstudio":
+            from prelabel.cli.client import Credentials
+            from prelabel.labelstudio import server as studio
+
+            client_options = {k: options.pop(k) for k in ("server", "timeout")}
+            settings = Settings.from_env(**options)
+            return studio.run(settings, client_options["server"] or f"127.0.0.1:{settings.grpc_port}",
+                              Credentials.from_settings(settings), client_options["timeout"])  # fmt: skip
         from prelabel.cli import client
 
         settings = Settings.from_env(token=args.token, ca_cert=args.ca_cert, client_cert=args.client_cert,

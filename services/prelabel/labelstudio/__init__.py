@@ -1,0 +1,1 @@
+"""Label Studio ML backend: pre-labels a project's tasks and learns from its annotations, over gRPC."""
