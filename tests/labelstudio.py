@@ -92,9 +92,9 @@ class LabelStudio:
             parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="file{i}"; filename="{name}"\r\n'
                          f"Content-Type: application/octet-stream\r\n\r\n".encode() + content + b"\r\n")  # fmt: skip
         body = b"".join(parts) + f"--{boundary}--\r\n".encode()
+        headers = {"Authorization": f"Token {self.token}", "Content-Type": f"multipart/form-data; boundary={boundary}"}
         request = urllib.request.Request(f"{self.url}/api/projects/{project}/import", data=body, method="POST",
-                                         headers={"Authorization": f"Token {self.token}",
-                                                  "Content-Type": f"multipart/form-data; boundary={boundary}"})  # fmt: skip
+                                         headers=headers)  # fmt: skip
         with urllib.request.urlopen(request, timeout=120) as response:
             json.loads(response.read())
         tasks = self.tasks(project)

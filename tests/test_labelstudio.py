@@ -148,7 +148,8 @@ def test_round_trip_predict_annotate_train_better_predictions(studio, adapter, s
     assert adapter.get("/versions")[0] == 401 and adapter.get("/health")[0] == 200  # basic auth where it matters
 
     base = rpc.ModelServiceStub(channel).ListModels(pb.ListModelsRequest(), timeout=10)
-    base_version = f"{base.default_model}@{next(m for m in base.models if m.name == base.default_model).default_version}"
+    default = next(m for m in base.models if m.name == base.default_model)
+    base_version = f"{default.name}@{default.default_version}"
 
     # 1. Pre-labels from the base model: only the project's choices, scores, the version; the broken image none.
     studio.retrieve_predictions(project)

@@ -123,7 +123,8 @@ class Backend:
                                                        [(str(i), fetched[i] or b"") for i in batch], top_k)  # fmt: skip
             for i, prediction in zip(batch, response.predictions, strict=True):
                 results[i] = self._result(project, tasks[i], prediction, model_version)
-                outcomes[i] = "failed" if prediction.HasField("error") else "labelled" if results[i]["result"] else "empty"
+                labelled = "labelled" if results[i]["result"] else "empty"
+                outcomes[i] = "failed" if prediction.HasField("error") else labelled
 
         await asyncio.gather(*(run(b) for b in batches))
         for outcome in outcomes:
