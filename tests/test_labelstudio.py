@@ -138,13 +138,7 @@ def test_round_trip_predict_annotate_train_better_predictions(studio, adapter, s
     broken_task = ids[-1]
 
     # Connect the backend as a team would, with basic auth both ways.
-    backend = studio.call("POST", "/api/ml", {
-        "url": adapter.url, "project": project, "title": "Prelabel", "auth_method": "BASIC_AUTH",
-        "basic_auth_user": AUTH[0], "basic_auth_pass": AUTH[1]})  # fmt: skip
-    basic = "Basic " + base64.b64encode(":".join(AUTH).encode()).decode()
-    for hook in studio.call("GET", f"/api/webhooks?project={project}"):
-        if hook["url"].startswith(adapter.url):
-            studio.call("PATCH", f"/api/webhooks/{hook['id']}", {"headers": {"Authorization": basic}})
+    backend = connect(studio, adapter, project)
     assert adapter.get("/versions")[0] == 401 and adapter.get("/health")[0] == 200  # basic auth where it matters
 
     base = rpc.ModelServiceStub(channel).ListModels(pb.ListModelsRequest(), timeout=10)
@@ -228,4 +222,55 @@ def adapter_call(adapter: Adapter, path: str, body: dict[str, Any]) -> str:
         return response.read().decode()
 
 
-_ = (EMAIL, PASSWORD)
+def connect(studio: LabelStudio, adapter: Adapter, project: int) -> dict[str, Any]:
+    """Connect the backend to a project with basic auth, and give the webhook it creates the same header."""
+    backend = studio.call("POST", "/api/ml", {
+        "url": adapter.url, "project": project, "title": "Prelabel", "auth_method": "BASIC_AUTH",
+        "basic_auth_user": AUTH[0], "basic_auth_pass": AUTH[1]})  # fmt: skip
+    basic = "Basic " + base64.b64encode(":".join(AUTH).encode()).decode()
+    for hook in studio.call("GET", f"/api/webhooks?project={project}"):
+        if hook["url"].startswith(adapter.url):
+            studio.call("PATCH", f"/api/webhooks/{hook['id']}", {"headers": {"Authorization": basic}})
+    return dict(backend)
+
+
+CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+                  "--disable-component-update", "--disable-sync"]  # fmt: skip
+
+
+def test_a_person_sees_the_pre_label_in_the_browser_and_submits_it(studio, adapter, tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    project = studio.call("POST", "/api/projects", {"title": "Prelabel in the browser", "label_config": CONFIG})["id"]
+    picture = formula_images(1, 64, seed=5, classes=(formulas.CLASSES.index(KNOWN[0]),))[0][0]
+    (task,) = studio.upload(project, [("known.jpeg", encode(picture, "JPEG", quality=92))])
+    connect(studio, adapter, project)
+    studio.retrieve_predictions(project)
+    (prediction,) = studio.task(task)["predictions"]
+    assert choice_of(prediction) == KNOWN[0]
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path="/usr/bin/chromium", headless=True, args=CHROMIUM_FLAGS)
+        try:
+            page = browser.new_page()
+            page.goto(f"{studio.url}/user/login/")
+            page.fill("input[name=email]", EMAIL)
+            page.fill("input[name=password]", PASSWORD)
+            page.keyboard.press("Enter")
+            page.wait_for_url(lambda url: "/user/login" not in url, timeout=60_000)
+            page.goto(f"{studio.url}/projects/{project}/data?task={task}")
+            choice = page.locator("label", has_text=KNOWN[0]).locator("input[type=checkbox]")
+            choice.wait_for(timeout=60_000)
+            assert choice.is_checked()  # the pre-label, ticked
+            for other in CHOICES[1:]:
+                assert not page.locator("label", has_text=other).locator("input[type=checkbox]").is_checked()
+            page.get_by_text(prediction["model_version"]).first.wait_for(timeout=30_000)
+            page.screenshot(path=str(tmp_path / "task.png"))
+            page.get_by_role("button", name="Submit").click()
+            deadline = time.monotonic() + 30
+            while not studio.call("GET", f"/api/tasks/{task}/annotations") and time.monotonic() < deadline:
+                time.sleep(0.3)
+        finally:
+            browser.close()
+    (annotation,) = studio.call("GET", f"/api/tasks/{task}/annotations")
+    assert choice_of(annotation) == KNOWN[0]
