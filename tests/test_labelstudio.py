@@ -234,7 +234,8 @@ def connect(studio: LabelStudio, adapter: Adapter, project: int) -> dict[str, An
     return dict(backend)
 
 
-CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking",
                   "--disable-component-update", "--disable-sync"]  # fmt: skip
 
 

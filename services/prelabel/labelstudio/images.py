@@ -29,7 +29,8 @@ async def fetch(session: aiohttp.ClientSession, url: str, label_studio: str, tok
             if response.status != 200:
                 raise FetchError(f"{absolute[:200]} answered HTTP {response.status}")
             if (response.content_length or 0) > max_bytes:
-                raise FetchError(f"{absolute[:200]} is {response.content_length} bytes, over {max_bytes}")
+                raise FetchError(f"{absolute[:200]} is {response.content_length} bytes, over {max_bytes} bytes "
+                                 "(PRELABEL_MAX_IMAGE_BYTES)")
             content = bytearray()
             async for chunk in response.content.iter_chunked(64 * 1024):
                 content += chunk
