@@ -124,13 +124,13 @@ async def test_bad_requests_are_400_with_a_message_and_auth_is_checked(aiohttp_f
         await runner.setup()
         await web.TCPSite(runner, "127.0.0.1", aiohttp_free_port).start()
         url = f"http://127.0.0.1:{aiohttp_free_port}"
-        good = {"Authorization": aiohttp.BasicAuth("u", "p").encode()}
+        good = {"Authorization": aiohttp.encode_basic_auth("u", "p")}
         try:
             async with session.get(f"{url}/health") as r:
                 assert r.status == 200 and (await r.json())["status"] == "UP"
             async with session.post(f"{url}/predict", json={"tasks": []}) as r:
                 assert r.status == 401
-            wrong = {"Authorization": aiohttp.BasicAuth("u", "wrong").encode()}
+            wrong = {"Authorization": aiohttp.encode_basic_auth("u", "wrong")}
             async with session.post(f"{url}/predict", headers=wrong, json={}) as r:
                 assert r.status == 401
             async with session.post(f"{url}/setup", headers=good, data=b"{not json") as r:

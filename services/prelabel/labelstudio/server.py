@@ -55,8 +55,9 @@ async def observed(request: web.Request, handler: Handler) -> web.StreamResponse
     started = time.perf_counter()
     try:
         response = await handler(request)
-    except web.HTTPException as exc:
-        response = exc
+    except web.HTTPException as exc:  # aiohttp's own answers (401, 404, 405): counted, then re-raised
+        metrics.LS_REQUESTS.labels(path, str(exc.status)).inc()
+        raise
     except PrelabelError as exc:
         response = error_response(exc.code.name, exc.message)
     except grpc.aio.AioRpcError as exc:
