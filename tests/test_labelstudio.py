@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import json
 import re
+import subprocess
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -26,9 +27,10 @@ from prelabel.v1 import prelabel_pb2 as pb
 from prelabel.v1 import prelabel_pb2_grpc as rpc
 from tests.conftest import encode, formula_images
 from tests.labelstudio import EMAIL, PASSWORD, LabelStudio
-from tests.stack import Process, environment, free_port
+from tests.stack import PRELABEL, Process, environment, free_port
 
 pytestmark = pytest.mark.stack
+DEFAULT_MODEL = "prelabel-base"
 
 KNOWN = [formulas.CLASSES[108], formulas.CLASSES[40]]  # classes the base model knows
 NOVEL = ["pentagon", "crescent"]  # shapes it never saw: only fine-tuning teaches them
@@ -275,3 +277,27 @@ def test_a_person_sees_the_pre_label_in_the_browser_and_submits_it(studio, adapt
             browser.close()
     (annotation,) = studio.call("GET", f"/api/tasks/{task}/annotations")
     assert choice_of(annotation) == KNOWN[0]
+
+
+def test_offline_pre_labels_import_into_label_studio(studio, stack, tmp_path):
+    """``prelabel predict --format labelstudio`` writes tasks with predictions that Label Studio imports as they are."""
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    pictures = formula_images(3, 64, seed=8, classes=(formulas.CLASSES.index(KNOWN[1]),))[0]
+    for i, picture in enumerate(pictures):
+        (folder / f"known-{i}.png").write_bytes(encode(picture, "PNG"))
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nbroken")
+    out = tmp_path / "tasks.json"
+    run = subprocess.run([PRELABEL, "predict", str(folder), "--server", stack.address, "--format", "labelstudio",
+                          "--out", str(out), "--no-progress"], capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    tasks = json.loads(out.read_text())
+    assert len(tasks) == 4 and sum("predictions" in t for t in tasks) == 3
+    project = studio.call("POST", "/api/projects", {"title": "Offline", "label_config": CONFIG})["id"]
+    studio.call("POST", f"/api/projects/{project}/import", tasks)
+    stored = {t["data"]["image"].rsplit("/", 1)[-1]: t for t in studio.tasks(project)}
+    assert len(stored) == 4 and stored["broken.png"]["predictions"] == []
+    for i in range(3):
+        (prediction,) = stored[f"known-{i}.png"]["predictions"]
+        assert choice_of(prediction) == KNOWN[1] and 0 < prediction["score"] <= 1
+        assert prediction["model_version"].startswith(f"{DEFAULT_MODEL}@")

@@ -17,6 +17,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tqdm import tqdm
 
 from prelabel.errors import InvalidArgument, Unavailable
+from prelabel.labelstudio import export
 from prelabel.preprocessing import IMAGE_SUFFIXES
 from prelabel.settings import Settings
 from prelabel.v1 import prelabel_pb2 as pb
@@ -161,7 +162,9 @@ def predict(server: str, creds: Credentials, args: argparse.Namespace) -> int:
             )
 
     out: TextIO = args.out.open("w") if args.out else sys.stdout
-    failed = 0
+    names = export.Names(args.ls_from_name, args.ls_to_name, args.ls_data_key, args.ls_url_prefix)
+    studio = args.format == "labelstudio"
+    failed = written = 0
     try:
         with (
             channel(server, args.timeout, creds) as ch,
@@ -171,8 +174,14 @@ def predict(server: str, creds: Credentials, args: argparse.Namespace) -> int:
             for batch, response in zip(batches, stub.PredictStream(requests(), timeout=None), strict=False):
                 for path, p in zip(batch, response.predictions, strict=True):
                     failed += p.HasField("error")
-                    out.write(json.dumps(prediction_json(path, response, p)) + "\n")
+                    if studio:  # one JSON list, written as it streams
+                        out.write(("[\n" if not written else ",\n") + json.dumps(export.task(path, response, p, names)))
+                    else:
+                        out.write(json.dumps(prediction_json(path, response, p)) + "\n")
+                    written += 1
                 bar.update(len(batch))
+        if studio:
+            out.write("\n]\n" if written else "[]\n")
     finally:
         if args.out:
             out.close()

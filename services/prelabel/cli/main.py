@@ -93,7 +93,16 @@ def parser() -> argparse.ArgumentParser:
     predict.add_argument("--model", default="", help="model name (default: the server's default model)")
     predict.add_argument("--version", default="", help="model version (default: the newest ready one)")
     predict.add_argument("--top-k", type=int, default=5)
-    predict.add_argument("--out", type=Path, help="write JSON lines here instead of standard output")
+    predict.add_argument("--out", type=Path, help="write here instead of standard output")
+    predict.add_argument("--format", choices=["jsonl", "labelstudio"], default="jsonl",
+                         help="jsonl: one JSON line per image; labelstudio: a JSON list of Label Studio tasks with "
+                         "predictions, to import into a project")  # fmt: skip
+    predict.add_argument("--ls-from-name", default="choice", help="labelstudio format: the <Choices> tag's name")
+    predict.add_argument("--ls-to-name", default="image", help="labelstudio format: the <Image> tag's name")
+    predict.add_argument("--ls-data-key", default="image", help="labelstudio format: the task field of the image")
+    predict.add_argument("--ls-url-prefix", default="/data/local-files/?d=",
+                         help="labelstudio format: put before each file's path to make the task's image URL "
+                         "(default: Label Studio's local files storage)")  # fmt: skip
     predict.add_argument("--batch-size", type=int, default=32, help="images per request, at most")
     predict.add_argument(
         "--max-request-bytes",
