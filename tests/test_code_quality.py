@@ -46,3 +46,13 @@ def test_domain_packages_do_not_depend_on_the_serving_layer():
     assert "triton" not in graph.get("models", set()) | graph.get("datasets", set())
     for domain in ("models", "datasets", "training"):
         assert "gateway" not in graph.get(domain, set()), domain
+
+
+def test_the_label_studio_adapter_is_only_a_client_of_the_gateway():
+    """It scales apart from Triton: no model, no Triton client, no torch in its process."""
+    reaches = package_imports().get("labelstudio", set())
+    assert not reaches & {"gateway", "triton", "models", "training", "queue"}, reaches
+    run = subprocess.run([sys.executable, "-c", "import sys, prelabel.labelstudio.server as s; "
+                          "print(sorted(m for m in ('torch', 'tritonclient') if m in sys.modules))"],
+                         capture_output=True, text=True, check=True)  # fmt: skip
+    assert run.stdout.strip() == "[]"
