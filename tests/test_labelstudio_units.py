@@ -150,3 +150,61 @@ def test_project_models_option():
     assert parse_project_models("") == {}
     with pytest.raises(InvalidArgument, match="PROJECT_ID=MODEL"):
         parse_project_models("cats")
+
+
+class FakePrelabel:
+    """Only for the Learner's bookkeeping; the real gateway is in test_labelstudio.py."""
+
+    def __init__(self, states: list[int]) -> None:
+        self.states = states
+        self.refreshed = 0
+
+    async def watch(self, job_id: str):  # type: ignore[no-untyped-def]
+        from prelabel.v1 import prelabel_pb2 as pb
+
+        for k, state in enumerate(self.states):
+            yield pb.Job(id=job_id, state=state, progress=k / len(self.states), output_model="labelstudio-5",
+                         error="trainer ran out of memory" if state == pb.FAILED else "")  # fmt: skip
+
+    async def models(self, fresh: bool = False):  # type: ignore[no-untyped-def]
+        self.refreshed += fresh
+
+
+async def test_a_failed_job_is_reported_and_nothing_is_published(caplog):
+    from prelabel import metrics
+    from prelabel.v1 import prelabel_pb2 as pb
+
+    fake = FakePrelabel([pb.QUEUED, pb.RUNNING, pb.FAILED])
+    learner = Learner(Backend(fake, Options(), session=None), 0, 1)  # type: ignore[arg-type]
+    def failures() -> float:
+        return metrics.REGISTRY.get_sample_value("prelabel_labelstudio_training_runs_total", {"outcome": "failed"}) or 0
+
+    before = failures()
+    job = await learner.follow("5", "j1")
+    assert job.state == pb.FAILED and fake.refreshed == 0  # the served version is not touched
+    assert failures() == before + 1
+    assert "ended FAILED: trainer ran out of memory; the current model keeps serving" in caplog.text
+
+
+async def test_a_trigger_during_a_run_runs_it_once_more():
+    import asyncio
+
+    runs: list[str] = []
+    gate = asyncio.Event()
+
+    class Counting(Learner):
+        async def train(self, pid: str):  # type: ignore[no-untyped-def]
+            runs.append(pid)
+            await gate.wait()
+
+    learner = Counting(Backend(None, Options(), session=None), 2, 1)  # type: ignore[arg-type]
+    learner.event({"action": "ANNOTATION_CREATED", "project": {"id": 5}})
+    assert runs == []  # one change of the two that start a run
+    learner.event({"action": "ANNOTATION_UPDATED", "project": {"id": 5}})
+    await asyncio.sleep(0)
+    learner.event({"action": "START_TRAINING", "project": {"id": 5}})
+    learner.event({"action": "START_TRAINING", "project": {"id": 5}})  # coalesced with the one before
+    assert runs == ["5"]
+    gate.set()
+    await learner.running["5"]
+    assert runs == ["5", "5"]

@@ -77,11 +77,13 @@ class Backend:
     def remember(self, raw_project: Any, schema: str, url: str = "", token: str = "") -> Project:
         pid = project_id(raw_project)
         known = self.projects.get(pid)
+        # What the operator configured wins over what /setup says: Label Studio's idea of its own
+        # address (LABEL_STUDIO_HOST) is often not the one the adapter reaches it by.
         project = Project(
             pid,
             config.parse(schema),
-            (url or (known.url if known else "") or self.options.label_studio_url).rstrip("/"),
-            token or (known.token if known else "") or self.options.label_studio_token,
+            (self.options.label_studio_url or url or (known.url if known else "")).rstrip("/"),
+            self.options.label_studio_token or token or (known.token if known else ""),
         )
         self.projects[pid] = project
         return project

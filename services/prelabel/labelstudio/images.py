@@ -26,6 +26,9 @@ async def fetch(session: aiohttp.ClientSession, url: str, label_studio: str, tok
     headers = {"Authorization": f"Token {token}"} if token and same_host else {}
     try:
         async with session.get(absolute, headers=headers) as response:
+            if response.status in (401, 403) and same_host:
+                raise FetchError(f"Label Studio refused the token for {absolute[:200]} (HTTP {response.status}); "
+                                 "give the adapter an API token with access to the project: --label-studio-token")
             if response.status != 200:
                 raise FetchError(f"{absolute[:200]} answered HTTP {response.status}")
             if (response.content_length or 0) > max_bytes:
