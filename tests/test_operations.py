@@ -198,7 +198,9 @@ def test_kubernetes_overlays_render_valid_objects(overlay):
                        ("ScaledObject", "trainer"), ("StatefulSet", "redis"),
                        ("PersistentVolumeClaim", "prelabel-data"), ("NetworkPolicy", "triton"),
                        ("ServiceMonitor", "prelabel-gateway"),
-                       ("ServiceMonitor", "prelabel-trainer"), ("ServiceMonitor", "triton")]:  # fmt: skip
+                       ("ServiceMonitor", "prelabel-trainer"), ("ServiceMonitor", "triton"),
+                       ("Deployment", "labelstudio"), ("Service", "labelstudio"),
+                       ("ServiceMonitor", "prelabel-labelstudio")]:  # fmt: skip
         assert (kind, name) in by_kind, (kind, name)
     assert any(k == "ConfigMap" and n.startswith("prelabel-settings") for k, n in by_kind)
     assert any(k == "Secret" and n.startswith("prelabel-tokens") for k, n in by_kind)
