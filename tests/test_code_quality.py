@@ -56,3 +56,12 @@ def test_the_label_studio_adapter_is_only_a_client_of_the_gateway():
                           "print(sorted(m for m in ('torch', 'tritonclient') if m in sys.modules))"],
                          capture_output=True, text=True, check=True)  # fmt: skip
     assert run.stdout.strip() == "[]"
+
+
+def test_finding_the_triton_binary_imports_no_pytriton():
+    """PyTriton's import pulls its client (gevent, zmq...) into the launcher; its folder is enough."""
+    run = subprocess.run([sys.executable, "-c", "import sys; from prelabel.triton.supervisor import TritonPaths; "
+                          "assert TritonPaths.from_wheel().binary.is_file(); "
+                          "print(sorted(m for m in ('pytriton', 'gevent', 'zmq') if m in sys.modules))"],
+                         capture_output=True, text=True, check=True)  # fmt: skip
+    assert run.stdout.strip() == "[]"

@@ -225,15 +225,18 @@ def adapter_call(adapter: Adapter, path: str, body: dict[str, Any]) -> str:
 
 
 def connect(studio: LabelStudio, adapter: Adapter, project: int) -> dict[str, Any]:
-    """Connect the backend to a project with basic auth, and give the webhook it creates the same header."""
+    """Connect the backend to a project with basic auth: one call (the adapter fixes the webhook's header)."""
     backend = studio.call("POST", "/api/ml", {
         "url": adapter.url, "project": project, "title": "Prelabel", "auth_method": "BASIC_AUTH",
         "basic_auth_user": AUTH[0], "basic_auth_pass": AUTH[1]})  # fmt: skip
     basic = "Basic " + base64.b64encode(":".join(AUTH).encode()).decode()
-    for hook in studio.call("GET", f"/api/webhooks?project={project}"):
-        if hook["url"].startswith(adapter.url):
-            studio.call("PATCH", f"/api/webhooks/{hook['id']}", {"headers": {"Authorization": basic}})
-    return dict(backend)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        hooks = [h for h in studio.call("GET", f"/api/webhooks?project={project}") if h["url"].startswith(adapter.url)]
+        if hooks and all((h.get("headers") or {}).get("Authorization") == basic for h in hooks):
+            return dict(backend)
+        time.sleep(0.5)
+    raise AssertionError(f"the adapter did not give the webhook its header: {hooks}\n{adapter.log()}")
 
 
 CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",

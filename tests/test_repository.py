@@ -100,6 +100,22 @@ def test_configs_from_an_older_release_are_rewritten_at_start(tmp_path):
     assert '"ERROR",' not in text
 
 
+def test_instance_and_batching_settings_reach_every_model_at_start(tmp_path, caplog):
+    ModelRepository(tmp_path).add_version("m", card(), lambda folder: None)
+    ModelRepository(tmp_path).add_version("n", card(), lambda folder: None)
+    changed = ModelRepository(tmp_path, RepositoryConfig(max_batch_size=64, instance_count=3, instance_kind="KIND_GPU",
+                                                         max_queue_delay_us=500))  # fmt: skip
+    with caplog.at_level("INFO", "prelabel.repository"):
+        changed.write_configs()
+    for name in ("m", "n"):
+        text = (tmp_path / name / "config.pbtxt").read_text()
+        assert "max_batch_size: 64" in text and "count: 3, kind: KIND_GPU" in text and ": 500" in text
+        assert f"model {name}: config.pbtxt rewritten: 3 x KIND_GPU, max batch 64" in caplog.text
+    caplog.clear()
+    changed.write_configs()  # nothing changed: nothing written, nothing logged
+    assert "rewritten" not in caplog.text
+
+
 def test_card_round_trip_ignores_unknown_fields():
     c = card(auto_accept_threshold=0.8, temperature=1.5)
     text = c.to_json().replace('"arch"', '"future_field": 1, "arch"')

@@ -19,7 +19,8 @@ LABEL_STUDIO_HELP = """Run Label Studio's ML backend in front of a Prelabel gate
 
 Connect it to a project: in Label Studio, Settings > Model > Connect Model, URL http://HOST:9090;
 or through its API: POST /api/ml {"url": "http://HOST:9090", "project": ID}. With --basic-auth,
-choose "basic auth" there and give the same user and password. Label Studio must allow the
+choose "basic auth" there and give the same user and password (the adapter then gives the webhook
+that connecting creates the same header itself). Label Studio must allow the
 backend's address: ML_BLOCK_LOCAL_IP=false and SSRF_PROTECTION_ENABLED=false for a backend on a
 loopback or private address. See docs/labelstudio.md.
 """

@@ -16,7 +16,7 @@ import aiohttp
 
 from prelabel import metrics
 from prelabel.errors import InvalidArgument, NotFound
-from prelabel.labelstudio import config, images
+from prelabel.labelstudio import config, images, webhooks
 from prelabel.labelstudio.remote import Prelabel
 from prelabel.v1 import prelabel_pb2 as pb
 
@@ -24,6 +24,7 @@ log = logging.getLogger("prelabel.labelstudio")
 
 MODEL_PREFIX = "labelstudio-"
 FETCH_CONCURRENCY = 16
+WEBHOOK_TRIES = 10
 PREDICT_CONCURRENCY = 2  # Predict calls in flight per /predict: enough to overlap fetching with inference
 
 
@@ -49,6 +50,7 @@ class Options:
     batch_size: int = 32
     max_image_bytes: int = 20 * 1024 * 1024
     max_top_k: int = 100  # the gateway's limit: the best project choice is looked for among this many labels
+    basic_auth: tuple[str, str] | None = None  # what Label Studio must send
 
     def base_model(self, project: str) -> str:
         return self.project_models.get(project, self.model)
@@ -71,6 +73,7 @@ class Backend:
         self.session = session
         self.projects: dict[str, Project] = {}
         self._warned: set[tuple[str, str]] = set()
+        self._webhooks: dict[str, asyncio.Task[None]] = {}
 
     # -- projects --------------------------------------------------------------------------------
 
@@ -87,6 +90,28 @@ class Backend:
         )
         self.projects[pid] = project
         return project
+
+    def authorize_webhook(self, project: Project) -> None:
+        """With basic auth: once per project, in the background, give Label Studio's webhook the header."""
+        if self.options.basic_auth is None or not project.url or project.id in self._webhooks:
+            return
+        user, password = self.options.basic_auth
+        header = aiohttp.encode_basic_auth(user, password)
+
+        async def run() -> None:
+            try:
+                for _ in range(WEBHOOK_TRIES):  # Label Studio creates the webhook just after its first /setup
+                    if await webhooks.authorize(self.session, project.url, project.token, project.id, user, header):
+                        return
+                    await asyncio.sleep(1)
+                self._webhooks.pop(project.id, None)  # the next /setup looks again
+            except (aiohttp.ClientError, TimeoutError, KeyError, TypeError) as exc:
+                self._webhooks.pop(project.id, None)
+                log.warning("project %s: could not give Label Studio's webhook the basic auth header (%s); "
+                            "annotation events are refused until it has it (docs/labelstudio.md)", project.id,
+                            exc)  # fmt: skip
+
+        self._webhooks[project.id] = asyncio.create_task(run())
 
     async def serving(self, project: str) -> pb.Model:
         """The model that pre-labels ``project`` now (its ``default_version`` is the version)."""

@@ -105,6 +105,7 @@ async def setup(request: web.Request) -> web.Response:
     backend = request.app[BACKEND]
     project = backend.remember(body.get("project"), str(body.get("schema", "")), str(body.get("hostname") or ""),
                                str(body.get("access_token") or ""))  # fmt: skip
+    backend.authorize_webhook(project)
     return web.json_response({"model_version": await backend.model_version(project.id)})
 
 
@@ -211,6 +212,7 @@ def run(settings: Settings, server: str, credentials: Credentials, timeout: floa
         batch_size=max(1, min(settings.labelstudio_batch_size, settings.max_images_per_request)),
         max_image_bytes=settings.max_image_bytes,
         max_top_k=settings.max_top_k,
+        basic_auth=auth,
     )
 
     async def main() -> None:

@@ -127,11 +127,16 @@ class ModelRepository:
             shutil.rmtree(staging, ignore_errors=True)
 
     def write_configs(self) -> None:
-        """Every model's ``config.pbtxt`` as this release writes it (outputs change between releases)."""
+        """Every model's ``config.pbtxt`` as this release and these settings write it, at every start: outputs
+        change between releases, and instance count, kind and batching must follow PRELABEL_TRITON_*."""
         for name in self.models():
-            self._write_config(name)
+            if self._write_config(name):
+                c = self.config
+                log.info("model %s: config.pbtxt rewritten: %d x %s, max batch %d, queue delay %d us", name,
+                         c.instance_count, c.instance_kind, c.max_batch_size, c.max_queue_delay_us)  # fmt: skip
 
-    def _write_config(self, name: str) -> None:
+    def _write_config(self, name: str) -> bool:
+        """Write ``name``'s config if it differs; True if it did."""
         c = self.config
         text = CONFIG_TEMPLATE.format(
             name=name,
@@ -141,8 +146,10 @@ class ModelRepository:
             instance_kind=c.instance_kind,
         )
         path = self.root / name / "config.pbtxt"
-        if not path.is_file() or path.read_text() != text:
-            write_atomically(path, text.encode())  # writers may race: each renames a whole file
+        if path.is_file() and path.read_text() == text:
+            return False
+        write_atomically(path, text.encode())  # writers may race: each renames a whole file
+        return True
 
 
 def repository_for(settings: Settings) -> ModelRepository:

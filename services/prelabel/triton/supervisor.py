@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.util
 import logging
 import os
 import shutil
@@ -51,14 +52,14 @@ class TritonPaths:
 
     @classmethod
     def from_wheel(cls) -> TritonPaths:
-        try:
-            import pytriton
-        except ImportError:
+        # Found, not imported: importing pytriton pulls its client (gevent, zmq...) into the launcher.
+        spec = importlib.util.find_spec("pytriton")
+        if spec is None or not spec.submodule_search_locations:
             raise Unavailable(
                 "the embedded Triton comes with nvidia-pytriton, which is not installed: "
                 "pip install 'prelabel[embedded]' (scripts/setup.sh does), or set PRELABEL_TRITON_URL to a Triton"
-            ) from None
-        return cls(Path(pytriton.__file__).parent / "tritonserver")
+            )
+        return cls(Path(next(iter(spec.submodule_search_locations))) / "tritonserver")
 
     @property
     def binary(self) -> Path:
