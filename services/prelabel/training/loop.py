@@ -107,6 +107,14 @@ def predict(model: backbones.Classifier, pixels: torch.Tensor, normalize: backbo
     return torch.cat(logits), torch.cat(embeddings)
 
 
+def autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """Mixed precision on CUDA: bf16 where the card has it (fp32's range, so no loss scaling, no skipped
+    steps and no scheduler warning), fp16 with a GradScaler on older cards; None (fp32) on the CPU."""
+    if device.type != "cuda":
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
 def _smoothed(losses: list[float]) -> list[float]:
     out: list[float] = []
     for x in losses:
@@ -147,7 +155,8 @@ def fit(
         weight_decay=recipe.weight_decay,
     )
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, recipe.rate)
-    scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda")
+    amp = autocast_dtype(device)
+    scaler = torch.amp.GradScaler("cuda", enabled=amp == torch.float16)
     generator = torch.Generator().manual_seed(seed)
     run = Run(model, 0)
     order, cursor = torch.randperm(len(train), generator=generator), 0
@@ -163,7 +172,8 @@ def fit(
         run.resumed_from = run.steps_done
     end = min(stop_at or recipe.steps, recipe.steps)
     evals = set(recipe.eval_steps)
-    last_save, total, seen, since = time.monotonic(), 0.0, 0, time.monotonic()
+    # The running loss stays on the device: reading it every step would make the host wait for the GPU.
+    last_save, total, seen, since = time.monotonic(), torch.zeros((), device=device), 0, time.monotonic()
 
     def state() -> dict[str, Any]:
         return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
@@ -183,7 +193,7 @@ def fit(
         cursor += recipe.batch_size
         x = recipe.augment(normalize(train.pixels[index]), generator)
         y = train.labels[index].to(device)
-        with torch.autocast("cuda", dtype=torch.float16, enabled=device.type == "cuda"):
+        with torch.autocast("cuda", dtype=amp or torch.float16, enabled=amp is not None):
             loss = F.cross_entropy(model(x)[0], y, label_smoothing=recipe.label_smoothing)
         optimizer.zero_grad(set_to_none=True)
         torch.autograd.backward(scaler.scale(loss))
@@ -191,11 +201,11 @@ def fit(
         scaler.update()
         schedule.step()
         run.steps_done += 1
-        total, seen = total + float(loss.detach()) * len(index), seen + len(index)
+        total, seen = total + loss.detach().float() * len(index), seen + len(index)
         evaluate = run.steps_done in evals or run.steps_done == end
         if not evaluate and time.monotonic() - since >= REPORT_EVERY_S:
-            report(run.steps_done, total / seen, math.nan, seen / (time.monotonic() - since))
-            total, seen, since = 0.0, 0, time.monotonic()
+            report(run.steps_done, float(total) / seen, math.nan, seen / (time.monotonic() - since))
+            total, seen, since = torch.zeros((), device=device), 0, time.monotonic()
         if evaluate:
             accuracy = math.nan
             if held_out is not None:
@@ -206,8 +216,8 @@ def fit(
                 run.logits.append(logits)
                 model.train()
                 stages.keep_frozen_in_eval(frozen)
-            report(run.steps_done, total / max(seen, 1), accuracy, seen / max(time.monotonic() - since, 1e-6))
-            total, seen, since = 0.0, 0, time.monotonic()
+            report(run.steps_done, float(total) / max(seen, 1), accuracy, seen / max(time.monotonic() - since, 1e-6))
+            total, seen, since = torch.zeros((), device=device), 0, time.monotonic()
             if held_out is not None and _stale(run.losses):
                 break
         if save and time.monotonic() - last_save >= save_every_s:
