@@ -334,3 +334,15 @@ def test_similarity_fast_path_equals_the_frechet_formula():
         assert similarity(x, reference) == pytest.approx(max(direct, 0.0), abs=1e-6)
     same = rng.multivariate_normal(reference["mean"], reference["cov"], size=5000)
     assert similarity(same, reference) > 0.97
+
+
+def test_one_pass_gives_the_base_its_logits_and_feature_extraction_its_features(base):
+    """The stage features end with the last stage's average: the base's own embedding, so one pass serves both."""
+    examples = novel(6, 2, base)
+    normalize = backbones.Normalizer(base.preprocess, torch.device("cpu"))
+    fe_model = backbones.pooled_by_stage(base.model, base.family, len(examples.classes))
+    assert fe_model is not None
+    logits, embeddings, features = engine._base_pass(base.model, fe_model, examples.pixels, normalize, lambda: None)
+    two_passes = loop.predict(base.model, examples.pixels, normalize)
+    assert torch.allclose(logits, two_passes[0], atol=1e-4) and torch.allclose(embeddings, two_passes[1], atol=1e-5)
+    assert features.shape[1] == fe_model.embedding_dim and torch.equal(features[:, -embeddings.shape[1]:], embeddings)

@@ -272,9 +272,11 @@ def train(
     key = f"{config.strategy}/{config.seed}/{config.epochs}/{config.learning_rate}/{len(folds)}/{n}/{base.name}"
     job = _Job(key, progress or (lambda p: None), checkpoint, should_stop, save_on_stop)
 
-    # 1. The base's logits and embeddings: similarity, and feature extraction's cache.
+    # 1. The base's logits and embeddings: similarity, and feature extraction's cache, in one pass.
+    # Feature extraction reads every stage of a ResNet (models/backbones.py), other bodies their output.
     base.model.to(device)
-    base_logits, embeddings = loop.predict(base.model, examples.pixels, normalize, check=job.check)
+    fe_model = backbones.pooled_by_stage(base.model, base.family, len(examples.classes)) or base.model
+    base_logits, embeddings, features = _base_pass(base.model, fe_model, examples.pixels, normalize, job.check)
     if base.reference is not None:
         measured, measure = similarity(embeddings.numpy(), base.reference), "frechet"
     else:
@@ -291,12 +293,7 @@ def train(
     job.planned = (recipe.steps * (len(folds) + 1) if recipe else 0) + 1
     oof: dict[str, torch.Tensor] = {}
     fe_penalty = head.PENALTIES[1]
-    # Feature extraction reads every stage of a ResNet (models/backbones.py), other bodies their output.
-    fe_model = backbones.pooled_by_stage(base.model, base.family, n_classes) or base.model
-    features = embeddings
     if with_fe:
-        if fe_model is not base.model:
-            features = loop.predict(fe_model, examples.pixels, normalize, check=job.check)[1]
         job.check()
         fe_oof, fe_penalty = head.crossfit(features, examples.labels, folds, n_classes, config.seed)
         oof[FEATURE_EXTRACTION] = fe_oof
@@ -366,6 +363,23 @@ def train(
         reference=reference_statistics(final_embeddings.numpy()) if model.embedding_dim <= MAX_REFERENCE_DIM else None,
         summary=_summary(accuracy, n, threshold, config, metrics.get("auto_accept_labels_needed")),
     )
+
+
+def _base_pass(model: backbones.Classifier, fe_model: backbones.Classifier, pixels: torch.Tensor,
+               normalize: backbones.Normalizer, check: Callable[[], None]
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """``(base logits, base embeddings, feature-extraction features)`` from one pass over the images.
+
+    The stage features end with the last stage's global average, which *is* a ResNet's own
+    embedding: the base's logits come from its head on those columns, not from a second pass."""
+    if fe_model is model:
+        logits, embeddings = loop.predict(model, pixels, normalize, check=check)
+        return logits, embeddings, embeddings
+    features = loop.predict(fe_model, pixels, normalize, check=check)[1]
+    embeddings = features if model.pooling == "stages" else features[:, -model.embedding_dim :]
+    with torch.no_grad():
+        logits = model.head(embeddings.to(next(model.head.parameters()).device)).cpu()
+    return logits, embeddings, features
 
 
 def _accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
