@@ -42,6 +42,13 @@ def formula_images(count: int, size: int, seed: int, classes: tuple[int, ...] = 
     return [Image.fromarray(im) for im in images], [formulas.CLASSES[y] for y in labels]
 
 
+def pytest_collection_finish(session: pytest.Session) -> None:
+    if any(item.nodeid.startswith("tests/test_labelstudio.py") for item in session.items):
+        from tests import labelstudio
+
+        labelstudio.start_early()
+
+
 @pytest.fixture(scope="session")
 def labelled_images() -> list[tuple[str, bytes, str]]:
     """``(id, encoded bytes, true label)`` for 30 generated images in PNG, JPEG and WebP."""

@@ -6,9 +6,11 @@ options are the ones ``../shared/LABEL_STUDIO.md`` found necessary offline and o
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import subprocess
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -32,6 +34,12 @@ class LabelStudio:
 
     @classmethod
     def start(cls, data_dir: Path, port: int, timeout: float = 180) -> LabelStudio:
+        studio = cls.launch(data_dir, port)
+        studio.wait_ready(timeout)
+        return studio
+
+    @classmethod
+    def launch(cls, data_dir: Path, port: int) -> LabelStudio:
         if not LABEL_STUDIO.is_file():
             raise RuntimeError(f"{LABEL_STUDIO} is missing: run scripts/setup.sh --test")
         token = uuid.uuid4().hex
@@ -52,17 +60,21 @@ class LabelStudio:
             env=env, stdout=log_path.open("wb"), stderr=subprocess.STDOUT, cwd=data_dir,
         )  # fmt: skip
         studio = cls(url, token, process, log_path)
+        atexit.register(studio.stop)  # an interrupted session leaves no Label Studio behind
+        return studio
+
+    def wait_ready(self, timeout: float = 180) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if process.poll() is not None:
-                raise RuntimeError(f"label-studio exited {process.returncode}:\n{studio.log()}")
+            if self.process.poll() is not None:
+                raise RuntimeError(f"label-studio exited {self.process.returncode}:\n{self.log()}")
             try:
-                studio.call("GET", "/api/projects")
-                return studio
+                self.call("GET", "/api/projects")
+                return
             except (OSError, urllib.error.HTTPError):
                 time.sleep(0.5)
-        studio.stop()
-        raise TimeoutError(f"Label Studio did not answer on {url} within {timeout} s:\n{studio.log()}")
+        self.stop()
+        raise TimeoutError(f"Label Studio did not answer on {self.url} within {timeout} s:\n{self.log()}")
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")[-6000:]
@@ -111,3 +123,25 @@ class LabelStudio:
     def retrieve_predictions(self, project: int) -> None:
         self.call("POST", f"/api/dm/actions?id=retrieve_tasks_predictions&project={project}",
                   {"selectedItems": {"all": True, "excluded": []}})  # fmt: skip
+
+
+_early: LabelStudio | None = None
+
+
+def start_early() -> None:
+    """Launch Label Studio when the session starts (its first start takes half a minute of database
+    set-up), so that it gets ready while the tests before test_labelstudio.py run."""
+    global _early
+    from tests.stack import free_port
+
+    _early = LabelStudio.launch(Path(tempfile.mkdtemp(prefix="label-studio-")), free_port())
+
+
+def started() -> LabelStudio:
+    """The Label Studio launched early, or a new one; ready."""
+    global _early
+    from tests.stack import free_port
+
+    studio, _early = _early or LabelStudio.launch(Path(tempfile.mkdtemp(prefix="label-studio-")), free_port()), None
+    studio.wait_ready()
+    return studio

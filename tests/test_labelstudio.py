@@ -25,6 +25,7 @@ import pytest
 from prelabel.datasets import formulas, shapes
 from prelabel.v1 import prelabel_pb2 as pb
 from prelabel.v1 import prelabel_pb2_grpc as rpc
+from tests import labelstudio
 from tests.conftest import encode, formula_images
 from tests.labelstudio import EMAIL, PASSWORD, LabelStudio
 from tests.stack import PRELABEL, Process, environment, free_port
@@ -64,8 +65,8 @@ def images() -> list[tuple[str, bytes, str, bool]]:
 
 
 @pytest.fixture(scope="module")
-def studio(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabelStudio]:
-    s = LabelStudio.start(tmp_path_factory.mktemp("label-studio"), free_port())
+def studio() -> Iterator[LabelStudio]:
+    s = labelstudio.started()  # launched when the session began (conftest.py)
     try:
         yield s
     finally:
