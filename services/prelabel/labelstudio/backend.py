@@ -16,7 +16,7 @@ import aiohttp
 
 from prelabel import metrics
 from prelabel.errors import InvalidArgument, NotFound
-from prelabel.labelstudio import config, images, webhooks
+from prelabel.labelstudio import api, config, images, webhooks
 from prelabel.labelstudio.remote import Prelabel
 from prelabel.v1 import prelabel_pb2 as pb
 
@@ -105,7 +105,7 @@ class Backend:
                         return
                     await asyncio.sleep(1)
                 self._webhooks.pop(project.id, None)  # the next /setup looks again
-            except (aiohttp.ClientError, TimeoutError, KeyError, TypeError) as exc:
+            except (api.StudioError, aiohttp.ClientError, TimeoutError, KeyError, TypeError) as exc:
                 self._webhooks.pop(project.id, None)
                 log.warning("project %s: could not give Label Studio's webhook the basic auth header (%s); "
                             "annotation events are refused until it has it (docs/labelstudio.md)", project.id,

@@ -20,7 +20,7 @@ import grpc
 
 from prelabel import metrics
 from prelabel.datasets.store import MIN_PER_CLASS
-from prelabel.labelstudio import config
+from prelabel.labelstudio import api, config
 from prelabel.labelstudio.backend import MODEL_PREFIX, Backend, Project, project_id, project_model
 from prelabel.v1 import prelabel_pb2 as pb
 
@@ -184,11 +184,12 @@ class Learner:
                 f"Label Studio's address is not known yet for project {pid}: it is learnt from /setup "
                 "(open the project once) or set with --label-studio-url and --label-studio-token"
             )
-        detail = await self._get_json(f"{url}/api/projects/{pid}", token)
+        detail = await api.call(self.backend.session, "GET", f"{url}/api/projects/{pid}", token)
         return self.backend.remember(pid, str(detail.get("label_config", "")), url, token)
 
     async def _annotated(self, project: Project) -> list[tuple[str, bytes, str]]:
-        tasks = await self._get_json(f"{project.url}/api/projects/{project.id}/export?exportType=JSON", project.token)
+        export = f"{project.url}/api/projects/{project.id}/export?exportType=JSON"
+        tasks = await api.call(self.backend.session, "GET", export, project.token)
         labelled = [(t, choice) for t in tasks if (choice := latest_choice(t, project.config))]
         contents = await self.backend.fetch_all(project, [t for t, _ in labelled])
         skipped = sum(c is None for c in contents)
@@ -197,11 +198,3 @@ class Learner:
                         skipped)  # fmt: skip
         pairs = zip(labelled, contents, strict=True)
         return [(str(task.get("id")), content, choice) for (task, choice), content in pairs if content is not None]
-
-    async def _get_json(self, url: str, token: str) -> Any:
-        headers = {"Authorization": f"Token {token}"} if token else {}
-        async with self.backend.session.get(url, headers=headers) as response:
-            if response.status != 200:
-                raise RuntimeError(f"Label Studio answered HTTP {response.status} to GET {url}: "
-                                   f"{(await response.text())[:200]}")  # fmt: skip
-            return await response.json(content_type=None)

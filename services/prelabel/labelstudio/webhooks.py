@@ -9,9 +9,10 @@ project's token) and sets the header, so that connecting stays one step for a te
 from __future__ import annotations
 
 import logging
-from typing import Any
 
 import aiohttp
+
+from prelabel.labelstudio import api
 
 log = logging.getLogger("prelabel.labelstudio")
 
@@ -20,25 +21,16 @@ async def authorize(session: aiohttp.ClientSession, url: str, token: str, projec
                     header: str) -> int:  # fmt: skip
     """Set ``Authorization: header`` on the project's webhooks to backends that use basic auth as ``user``;
     returns how many such webhooks there are (0: none yet, Label Studio creates it just after /setup)."""
-    auth = {"Authorization": f"Token {token}"}
-
-    async def get(path: str) -> Any:
-        async with session.get(f"{url}{path}", headers=auth) as response:
-            response.raise_for_status()
-            return await response.json(content_type=None)
-
-    backends = await get(f"/api/ml?project={project}")
+    backends = await api.call(session, "GET", f"{url}/api/ml?project={project}", token)
     ours = {f"{b['url'].rstrip('/')}/webhook" for b in backends
             if b.get("auth_method") == "BASIC_AUTH" and b.get("basic_auth_user") == user}  # fmt: skip
     found = 0
-    for hook in await get(f"/api/webhooks?project={project}"):
+    for hook in await api.call(session, "GET", f"{url}/api/webhooks?project={project}", token):
         if hook.get("url", "").rstrip("/") not in ours:
             continue
         found += 1
         if (hook.get("headers") or {}).get("Authorization") != header:
             headers = {**(hook.get("headers") or {}), "Authorization": header}
-            async with session.patch(f"{url}/api/webhooks/{hook['id']}", json={"headers": headers},
-                                     headers=auth) as response:  # fmt: skip
-                response.raise_for_status()
+            await api.call(session, "PATCH", f"{url}/api/webhooks/{hook['id']}", token, {"headers": headers})
             log.info("project %s: gave Label Studio's webhook %s the basic auth header", project, hook["url"])
     return found
