@@ -91,3 +91,13 @@ def test_decode_rejects_truncated_and_too_large_images():
         decode(blob[: len(blob) // 2], PRE)
     with pytest.raises(ImageError, match="over the limit"):
         decode(encode(Image.new("RGB", (3000, 3000)), "PNG"), PRE, max_pixels=1_000_000)
+
+
+@pytest.mark.parametrize("size", [(160, 107), (640, 427), (107, 160), (333, 999)])
+def test_a_crop_as_large_as_the_short_side_never_falls_outside_the_image(size):
+    """crop == resize (the built-in base): 64 / (64 / 107) is 107.00000000000001, once a negative box
+    offset and an INVALID_ARGUMENT for a good photo (one of scikit-learn's, 640 x 427, through draft mode)."""
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (size[1], size[0], 3), dtype=np.uint8))
+    for fmt in ("PNG", "JPEG"):
+        pixels = decode(encode(image, fmt), Preprocess(resize=64, crop=64))
+        assert pixels.shape == (64, 64, 3)

@@ -100,8 +100,9 @@ def decode(content: bytes, preprocess: Preprocess, max_pixels: int = 0) -> npt.N
 
 def resize_crop(image: Image.Image, preprocess: Preprocess) -> npt.NDArray[Any]:
     """Resize the short side to ``resize`` and take the central ``crop`` square, resizing only that square."""
-    scale = preprocess.resize / min(image.width, image.height)
-    side = preprocess.crop / scale  # the crop, in the image's own pixels
+    # The crop, in the image's own pixels, at most the short side: ``crop / (resize / short)`` can come
+    # out a hair over it (64 / (64 / 107) = 107.00000000000001), and Pillow refuses a negative offset.
+    side = min(preprocess.crop * min(image.width, image.height) / preprocess.resize, image.width, image.height)
     left, top = (image.width - side) / 2, (image.height - side) / 2
     resample = _RESAMPLE.get(preprocess.interpolation, Image.Resampling.BILINEAR)
     image = image.resize((preprocess.crop, preprocess.crop), resample, box=(left, top, left + side, top + side),
