@@ -37,4 +37,15 @@ if [[ "${1:-}" == "--test" && ! -x .venv-labelstudio/bin/label-studio ]]; then
   .venv-labelstudio/bin/python -c "import label_studio" \
     || { echo "setup: label-studio did not install; see pip's output above" >&2; exit 1; }
 fi
+if [[ "${1:-}" == "--test" && ! -x .venv-numpy2/bin/python ]]; then
+  # numpy 2 laid over .venv's packages, for tests/test_numpy2.py: Triton's python backend with numpy 2.
+  echo "setup: making .venv-numpy2 (numpy 2 over .venv)"
+  "$python" -m venv .venv-numpy2
+  .venv-numpy2/bin/pip install --quiet --disable-pip-version-check "numpy>=2,<3"
+  purelib='import sysconfig; print(sysconfig.get_path("purelib"))'
+  echo "import site; site.addsitedir('$(.venv/bin/python -c "$purelib")')" \
+    > "$(.venv-numpy2/bin/python -c "$purelib")/zz-prelabel-venv.pth"
+  .venv-numpy2/bin/python -c "import numpy, prelabel, torch; assert numpy.__version__ >= '2'" \
+    || { echo "setup: .venv-numpy2 is not usable" >&2; exit 1; }
+fi
 echo "setup: done"

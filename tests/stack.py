@@ -29,13 +29,15 @@ class Process:
 
     args: list[str]
     env: dict[str, str]
+    python: str | None = None  # run the CLI with this interpreter (``python -m prelabel.cli.main``)
     popen: subprocess.Popen[str] = field(init=False)
     stdout: list[str] = field(default_factory=list)
     stderr: list[str] = field(default_factory=list)
 
     def start(self) -> Process:
+        program = [self.python, "-m", "prelabel.cli.main"] if self.python else [PRELABEL]
         self.popen = subprocess.Popen(
-            [PRELABEL, *self.args], env=self.env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+            [*program, *self.args], env=self.env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE
         )
         for stream, sink in ((self.popen.stdout, self.stdout), (self.popen.stderr, self.stderr)):
             threading.Thread(target=lambda s=stream, k=sink: k.extend(iter(s.readline, "")), daemon=True).start()
@@ -107,9 +109,12 @@ class Stack:
     triton_metrics_url: str | None = None
 
     @classmethod
-    def serve(cls, data_dir: Path, command: str = "serve", extra: list[str] | None = None, **settings: object) -> Stack:
+    def serve(cls, data_dir: Path, command: str = "serve", extra: list[str] | None = None, python: str | None = None,
+              **settings: object) -> Stack:  # fmt: skip
         process = Process(
-            [command, "--grpc-port", "0", "--metrics-port", "0", *(extra or [])], environment(data_dir, **settings)
+            [command, "--grpc-port", "0", "--metrics-port", "0", *(extra or [])],
+            environment(data_dir, **settings),
+            python,
         ).start()
         port = process.wait_for_line(LISTENING).group(1)
         metrics = METRICS.search("".join(process.stdout))

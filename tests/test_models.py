@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import io
 import urllib.error
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
+from sklearn.datasets import load_sample_images
 
 from prelabel.datasets import formulas
 from prelabel.errors import InvalidArgument, NotFound, Unavailable
-from prelabel.models import backbones, base
+from prelabel.models import backbones, base, device_decode
 from prelabel.models.runner import Runner
+from prelabel.preprocessing import ImageError, Preprocess, TooManyPixels, decode
 from prelabel.triton.defaults import ensure_default_model
 from prelabel.triton.repository import ModelRepository
 from tests.conftest import encode, formula_images
@@ -107,12 +112,17 @@ def test_builtin_base_model_is_small_and_documented():
 
 
 @pytest.fixture(scope="module")
-def runner(tmp_path_factory) -> Runner:
+def base_version(tmp_path_factory) -> Path:
     repo = ModelRepository(tmp_path_factory.mktemp("repo"))
     ensure_default_model(repo, "prelabel-base", "builtin")
     ensure_default_model(repo, "prelabel-base", "builtin")  # idempotent: still one version
     assert repo.versions("prelabel-base") == [1]
-    return Runner(repo.version_dir("prelabel-base", 1))
+    return repo.version_dir("prelabel-base", 1)
+
+
+@pytest.fixture(scope="module")
+def runner(base_version) -> Runner:
+    return Runner(base_version)
 
 
 def test_runner_labels_generated_images_and_reports_bad_ones(runner):
@@ -136,3 +146,66 @@ def test_runner_temperature_softens_probabilities(runner):
     finally:
         runner.card.temperature = 1.0
     assert soft < sharp
+
+
+def _photo_jpegs() -> dict[str, bytes]:
+    photos = load_sample_images().images
+    cmyk = io.BytesIO()
+    Image.fromarray(photos[0]).convert("CMYK").save(cmyk, "JPEG")
+    return {
+        "jpeg": encode(Image.fromarray(photos[0]), "JPEG", quality=90),
+        "jpeg-other-size": encode(Image.fromarray(photos[1][:300]), "JPEG", quality=80),
+        "grey": encode(Image.fromarray(photos[1][:, :, 0]), "JPEG"),
+        "progressive": encode(Image.fromarray(photos[0]), "JPEG", progressive=True),
+        "cmyk": cmyk.getvalue(),
+        "png": encode(Image.fromarray(photos[0][:200, :300]), "PNG"),
+        "corrupt": b"\xff\xd8\xff\xe0 not really a JPEG",
+        "truncated": encode(Image.fromarray(photos[0]), "JPEG")[:20000],
+        "empty": b"",
+        "over-the-limit": encode(Image.fromarray(photos[0]), "JPEG"),
+    }
+
+
+def test_device_decoding_matches_pillow_and_keeps_per_image_errors():
+    """The GPU path (nvJPEG on a GPU; libjpeg-turbo here, same code) sees what the CPU path sees."""
+    preprocess = Preprocess(resize=128, crop=112)
+    images = _photo_jpegs()
+    limits = [1000 if name == "over-the-limit" else 0 for name in images]
+    on_device = device_decode.decode_batch(list(images.values()), preprocess, torch.device("cpu"), limits)
+    for (name, content), limit, got in zip(images.items(), limits, on_device, strict=True):
+        try:
+            expected: np.ndarray | ImageError = decode(content, preprocess, limit)
+        except ImageError as exc:
+            expected = exc
+        if isinstance(expected, ImageError):
+            assert type(got) is type(expected) and str(got) == str(expected), name
+        else:
+            assert isinstance(got, torch.Tensor) and got.dtype == torch.uint8 and got.shape == (112, 112, 3), name
+            # Pillow decodes JPEGs at a reduced DCT scale (draft mode); the GPU path decodes in full and
+            # resizes with antialiasing: a level or two apart on average, never a different picture.
+            assert np.abs(got.numpy().astype(float) - expected.astype(float)).mean() < 3, name
+    assert isinstance(on_device[-1], TooManyPixels)  # checked on the header, before any decode
+
+
+def test_device_decoding_bounds_the_pixels_of_one_pass():
+    sizes = [(0, 40), (1, 40), (2, 30), (3, 100), (4, 10)]
+    assert list(device_decode._passes(sizes, 80)) == [[0, 1], [2], [3], [4]]  # a large image goes alone
+    images = list(_photo_jpegs().values())[:3]
+    preprocess = Preprocess(resize=64, crop=64)
+    whole = device_decode.decode_batch(images, preprocess, torch.device("cpu"), [0] * 3)
+    one_by_one = device_decode.decode_batch(images, preprocess, torch.device("cpu"), [0] * 3, pixels_per_pass=1)
+    for a, b in zip(whole, one_by_one, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_runner_device_path_and_batch_limit_give_the_cpu_path_predictions(runner, base_version):
+    images = [c for name, c in _photo_jpegs().items() if name not in ("over-the-limit",)]
+    images += [encode(im, "JPEG", quality=92) for im in formula_images(12, 96, seed=7)[0]]
+    cpu = runner.run(images)
+    device = Runner(base_version, decode_on_device=True, max_batch=5).run(images)
+    assert device.error_codes.tolist() == cpu.error_codes.tolist()
+    assert device.error_messages == cpu.error_messages
+    ok = cpu.error_codes == 0
+    assert ok.sum() == len(images) - 3
+    assert (device.probabilities[ok].argmax(1) == cpu.probabilities[ok].argmax(1)).mean() >= 0.9
+    assert np.abs(device.probabilities - cpu.probabilities).max() < 0.1

@@ -1,6 +1,8 @@
 """Runs one model version on encoded images: decode once, batch, forward, calibrated probabilities.
 
-Transport-free so the Triton python backend model, benchmarks and tests share it.
+Transport-free so the Triton python backend model, benchmarks and tests share it. On the CPU, Pillow
+decodes in threads (JPEG draft mode makes large photos cheap); on a GPU, nvJPEG decodes on the card
+(:mod:`prelabel.models.device_decode`), so the CPU does not cap the GPU's throughput.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
-from prelabel.models import backbones
+from prelabel.models import backbones, device_decode
 from prelabel.models.card import VersionCard
 from prelabel.preprocessing import ImageError, decode
 
@@ -29,9 +31,15 @@ class Outputs:
 
 
 class Runner:
-    def __init__(self, version_dir: Path, device: str = "cpu") -> None:
+    """``max_batch`` bounds the images of one forward pass (memory); ``decode_on_device`` defaults to
+    True on a GPU (and may be set on the CPU, where it is slower than Pillow, to test that path)."""
+
+    def __init__(self, version_dir: Path, device: str = "cpu", max_batch: int = 64,
+                 decode_on_device: bool | None = None) -> None:  # fmt: skip
         self.card = VersionCard.from_json((version_dir / "card.json").read_text())
         self.device = torch.device(device)
+        self.max_batch = max(1, max_batch)
+        self.decode_on_device = self.device.type == "cuda" if decode_on_device is None else decode_on_device
         model = backbones.build(self.card.arch, len(self.card.labels), self.card.preprocess.crop, self.card.pooling)
         backbones.load_state(model, version_dir / "weights.pt")
         model.eval().to(self.device)
@@ -48,23 +56,29 @@ class Runner:
         except ImageError as exc:
             return exc
 
+    def decode(self, images: list[bytes], max_pixels: list[int]) -> list[Any]:
+        """uint8 ``[crop, crop, 3]`` pixels (numpy on the CPU path, a tensor on the device path) or an ImageError."""
+        if self.decode_on_device:
+            return list(device_decode.decode_batch(images, self.card.preprocess, self.device, max_pixels))
+        if len(images) > 1:
+            return list(self.pool.map(self._decode, images, max_pixels))
+        return [self._decode(images[0], max_pixels[0])]
+
     def run(self, images: list[bytes], max_pixels: list[int] | None = None) -> Outputs:
         """``max_pixels[i]`` bounds image i (0: no limit); the header is checked before decoding."""
-        limits = max_pixels or [0] * len(images)
-        if len(images) > 1:
-            decoded = list(self.pool.map(self._decode, images, limits))
-        else:
-            decoded = [self._decode(images[0], limits[0])]
+        decoded = self.decode(images, max_pixels or [0] * len(images))
         ok = [i for i, d in enumerate(decoded) if not isinstance(d, ImageError)]
         codes = np.array([d.status if isinstance(d, ImageError) else 0 for d in decoded], dtype=np.int32)
         messages = [str(d) if isinstance(d, ImageError) else "" for d in decoded]
         probabilities = np.zeros((len(images), len(self.card.labels)), dtype=np.float32)
         embeddings = np.zeros((len(images), self.model.embedding_dim), dtype=np.float32)
-        if ok:
-            pixels = np.stack([d for d in decoded if not isinstance(d, ImageError)])
-            probs, emb = self.forward(torch.from_numpy(pixels))
-            probabilities[ok] = probs
-            embeddings[ok] = emb
+        for start in range(0, len(ok), self.max_batch):
+            rows = ok[start : start + self.max_batch]
+            if self.decode_on_device:
+                pixels = torch.stack([decoded[i] for i in rows])
+            else:
+                pixels = torch.from_numpy(np.stack([decoded[i] for i in rows]))
+            probabilities[rows], embeddings[rows] = self.forward(pixels)
         return Outputs(probabilities, embeddings, codes, messages)
 
     @torch.inference_mode()

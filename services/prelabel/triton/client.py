@@ -8,6 +8,7 @@ the running event loop.
 from __future__ import annotations
 
 import asyncio
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -121,14 +122,11 @@ class TritonClient:
         timeout_s: float | None,
         max_pixels: int = 0,
     ) -> InferOutputs:
-        data = np.empty((len(images), 1), dtype=np.object_)
-        data[:, 0] = images
-        image_input = triton_grpc.InferInput("IMAGE", list(data.shape), "BYTES")
-        image_input.set_data_from_numpy(data)
+        inputs = image_inputs(images)
         try:
             result = await self.client.infer(
                 model,
-                [image_input],
+                inputs,
                 model_version=version,
                 outputs=OUTPUTS_WITH_EMBEDDING if want_embedding else OUTPUTS,
                 client_timeout=timeout_s,
@@ -137,10 +135,27 @@ class TritonClient:
         except InferenceServerException as exc:
             raise self.convert(exc, f"inference on {model}/{version}") from None
         codes = result.as_numpy("ERROR_CODE").reshape(-1).tolist()
-        messages = result.as_numpy("ERROR_MESSAGE").reshape(-1)
+        messages = json.loads(result.as_numpy("ERROR_MESSAGE").tobytes())
+        probabilities = result.as_numpy("PROBABILITIES")
         return InferOutputs(
-            probabilities=result.as_numpy("PROBABILITIES"),
-            embeddings=result.as_numpy("EMBEDDING") if want_embedding else None,
+            probabilities=probabilities.reshape(len(images), -1),
+            embeddings=result.as_numpy("EMBEDDING").reshape(len(images), -1) if want_embedding else None,
             error_codes=codes,
-            error_messages=[m.decode() if c else "" for c, m in zip(codes, messages, strict=True)],
+            error_messages=[str(m) if c else "" for c, m in zip(codes, messages, strict=True)],
         )
+
+
+def image_inputs(images: list[bytes]) -> list[triton_grpc.InferInput]:
+    """One request's images as Triton inputs: ``IMAGES``, the encoded files end to end as one flat UINT8
+    tensor ``[1, total bytes]``, and ``SIZES``, each file's length ``[1, n]``.
+
+    Not a BYTES tensor: tritonclient and the python backend (de)serialise those with a Python loop per
+    element, and Triton 2.51's python backend cannot read them at all with numpy 2 in its environment.
+    """
+    flat = np.frombuffer(b"".join(images), dtype=np.uint8).reshape(1, -1)
+    sizes = np.array([[len(image) for image in images]], dtype=np.int64)
+    data = triton_grpc.InferInput("IMAGES", list(flat.shape), "UINT8")
+    data.set_data_from_numpy(flat)
+    lengths = triton_grpc.InferInput("SIZES", list(sizes.shape), "INT64")
+    lengths.set_data_from_numpy(sizes)
+    return [data, lengths]

@@ -33,14 +33,18 @@ CONFIG_TEMPLATE = """# Written by Prelabel (prelabel.triton.repository); edits a
 name: "{name}"
 backend: "python"
 max_batch_size: {max_batch_size}
+# One request carries n images: IMAGES holds the encoded files end to end, SIZES each one's length.
+# Triton's batcher merges up to max_batch_size requests; the model runs at most max_batch_size images
+# per forward pass. ERROR_MESSAGE is a JSON list of one message per image ("" where none), as UTF-8.
 input [
-  {{ name: "IMAGE", data_type: TYPE_STRING, dims: [ 1 ] }}
+  {{ name: "IMAGES", data_type: TYPE_UINT8, dims: [ -1 ], allow_ragged_batch: true }},
+  {{ name: "SIZES", data_type: TYPE_INT64, dims: [ -1 ], allow_ragged_batch: true }}
 ]
 output [
-  {{ name: "PROBABILITIES", data_type: TYPE_FP32, dims: [ -1 ] }},
-  {{ name: "EMBEDDING", data_type: TYPE_FP32, dims: [ -1 ] }},
-  {{ name: "ERROR_CODE", data_type: TYPE_INT32, dims: [ 1 ] }},
-  {{ name: "ERROR_MESSAGE", data_type: TYPE_STRING, dims: [ 1 ] }}
+  {{ name: "PROBABILITIES", data_type: TYPE_FP32, dims: [ -1, -1 ] }},
+  {{ name: "EMBEDDING", data_type: TYPE_FP32, dims: [ -1, -1 ] }},
+  {{ name: "ERROR_CODE", data_type: TYPE_INT32, dims: [ -1 ] }},
+  {{ name: "ERROR_MESSAGE", data_type: TYPE_UINT8, dims: [ -1 ] }}
 ]
 version_policy: {{ all {{ }} }}
 dynamic_batching {{

@@ -1,10 +1,17 @@
 """Prelabel's one Triton python-backend model, following Triton's ``add_sub`` example.
 
-Triton's dynamic batcher hands ``execute`` several requests at once; their images are run as one
-batch and split back, one response per request. An image that cannot be decoded gets its gRPC
-status code in ``ERROR_CODE`` and what is wrong in ``ERROR_MESSAGE`` (0 and "" for the others)
-instead of failing its batch; a request that is malformed as a whole gets a TritonError. The
-request parameter ``max_pixels`` bounds each image's pixel count.
+A request carries its images as ``IMAGES`` (the encoded files end to end, one flat UINT8 tensor) and
+``SIZES`` (each file's length). Tensors cross into and out of Triton by DLPack, and there is no BYTES
+tensor: Triton 2.51's python backend reads numpy arrays with numpy 1's memory layout, so with numpy 2
+in its environment its numpy glue returns empty or garbage tensors (``../shared/GPU.md``), and BYTES
+tensors cost a Python loop per element on both sides.
+
+Triton's dynamic batcher hands ``execute`` several requests at once; their images are run together,
+``max_batch_size`` at a time, and split back, one response per request. An image that cannot be
+decoded gets its gRPC status code in ``ERROR_CODE`` and what is wrong in ``ERROR_MESSAGE`` (a JSON
+list of one string per image, "" for the others, as UTF-8) instead of failing its batch; a request
+that is malformed as a whole gets a TritonError. The request parameter ``max_pixels`` bounds each
+image's pixel count.
 """
 
 from __future__ import annotations
@@ -14,7 +21,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 import triton_python_backend_utils as pb_utils
+from torch.utils.dlpack import from_dlpack
 
 from prelabel.models.runner import Runner
 
@@ -25,44 +34,69 @@ class TritonPythonModel:
         device = "cpu"
         if args.get("model_instance_kind") == "GPU":
             device = f"cuda:{args.get('model_instance_device_id', 0)}"
-        self.runner = Runner(version_dir, device=device)
-        self.name = f"{args['model_name']}/{args['model_version']}"
         config = json.loads(args["model_config"])
-        self.max_batch_size = int(config.get("max_batch_size", 0))
+        self.runner = Runner(version_dir, device=device, max_batch=int(config.get("max_batch_size", 0)) or 64)
+        self.name = f"{args['model_name']}/{args['model_version']}"
+        decoding = "nvJPEG on the device" if self.runner.decode_on_device else "Pillow on the CPU"
+        pb_utils.Logger.log_info(
+            f"prelabel: {self.name} on {device}, decoding with {decoding}, max batch {self.runner.max_batch}; "
+            f"numpy {np.__version__}, torch {torch.__version__}"
+        )
 
     def execute(self, requests: list[Any]) -> list[Any]:
         images: list[bytes] = []
         limits: list[int] = []
         spans: list[tuple[int, int] | Any] = []
         for request in requests:
-            tensor = pb_utils.get_input_tensor_by_name(request, "IMAGE")
-            if tensor is None:
-                spans.append(pb_utils.TritonError("input IMAGE is missing"))
+            try:
+                request_images = _images(request)
+            except ValueError as exc:
+                spans.append(pb_utils.TritonError(str(exc)))
                 continue
-            array = tensor.as_numpy().reshape(-1)
             start = len(images)
-            images.extend(bytes(v) for v in array)
+            images.extend(request_images)
             limit = int(json.loads(request.parameters() or "{}").get("max_pixels", 0))
-            limits.extend([limit] * len(array))
+            limits.extend([limit] * len(request_images))
             spans.append((start, len(images)))
         outputs = self.runner.run(images, limits) if images else None
         responses = []
         for request, span in zip(requests, spans, strict=True):
             if not isinstance(span, tuple) or outputs is None:
-                responses.append(pb_utils.InferenceResponse(output_tensors=[], error=span))
+                error = span if not isinstance(span, tuple) else pb_utils.TritonError("the request holds no images")
+                responses.append(pb_utils.InferenceResponse(output_tensors=[], error=error))
                 continue
             start, end = span
             wanted = set(request.requested_output_names()) or {"EMBEDDING"}
-            messages = np.array([[m.encode()] for m in outputs.error_messages[start:end]], dtype=np.object_)
-            tensors = [
-                pb_utils.Tensor("PROBABILITIES", outputs.probabilities[start:end]),
-                pb_utils.Tensor("ERROR_CODE", outputs.error_codes[start:end].reshape(-1, 1)),
-                pb_utils.Tensor("ERROR_MESSAGE", messages),
+            messages = json.dumps(outputs.error_messages[start:end]).encode()
+            tensors = [  # each with the request's batch dimension of 1
+                _output("PROBABILITIES", outputs.probabilities[None, start:end]),
+                _output("ERROR_CODE", outputs.error_codes[None, start:end]),
+                _output("ERROR_MESSAGE", np.frombuffer(messages, dtype=np.uint8)[None]),
             ]
             if "EMBEDDING" in wanted:
-                tensors.append(pb_utils.Tensor("EMBEDDING", outputs.embeddings[start:end]))
+                tensors.append(_output("EMBEDDING", outputs.embeddings[None, start:end]))
             responses.append(pb_utils.InferenceResponse(output_tensors=tensors))
         return responses
 
     def finalize(self) -> None:
         self.runner.pool.shutdown(wait=False)
+
+
+def _images(request: Any) -> list[bytes]:
+    """The request's encoded images, cut out of ``IMAGES`` by ``SIZES``; ValueError if they do not fit."""
+    data = pb_utils.get_input_tensor_by_name(request, "IMAGES")
+    sizes = pb_utils.get_input_tensor_by_name(request, "SIZES")
+    if data is None or sizes is None:
+        raise ValueError("inputs IMAGES (the encoded files end to end, UINT8) and SIZES (their lengths) are required")
+    flat = from_dlpack(data.to_dlpack()).numpy().reshape(-1)
+    lengths = from_dlpack(sizes.to_dlpack()).numpy().reshape(-1)
+    if (lengths < 0).any() or int(lengths.sum()) != flat.size:
+        raise ValueError(f"SIZES add up to {int(lengths.sum())} bytes but IMAGES holds {flat.size}")
+    view = flat.data
+    ends = np.cumsum(lengths).tolist()
+    return [view[a:b].tobytes() for a, b in zip([0, *ends[:-1]], ends, strict=True)]
+
+
+def _output(name: str, array: np.ndarray[Any, Any]) -> Any:
+    """An output tensor by DLPack (``pb_utils.Tensor(name, array)`` misreads numpy 2 arrays)."""
+    return pb_utils.Tensor.from_dlpack(name, torch.from_numpy(np.ascontiguousarray(array)))
