@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from pathlib import Path
 
 import pytest
 
@@ -10,7 +11,8 @@ from prelabel.errors import InvalidArgument, NotFound
 from prelabel.models.card import VersionCard
 from prelabel.names import validate_name
 from prelabel.preprocessing import Preprocess
-from prelabel.triton.repository import ModelRepository, RepositoryConfig
+from prelabel.settings import Settings
+from prelabel.triton.repository import ModelRepository, RepositoryConfig, default_instance_count, repository_for
 
 
 def card(**kw: object) -> VersionCard:
@@ -149,3 +151,14 @@ async def test_catalog_finds_versions_published_after_its_last_refresh(tmp_path)
         await catalog.resolve("dogs", "")
     assert "dogs" not in catalog.versions
     await catalog.triton.close()
+
+
+def test_instance_count_defaults_to_two_per_gpu_and_one_on_the_cpu(tmp_path):
+    no_gpu, gpus = tmp_path / "none", tmp_path / "gpus"
+    (gpus / "0000:01:00.0").mkdir(parents=True)
+    assert default_instance_count("KIND_AUTO", no_gpu) == 1
+    assert default_instance_count("KIND_AUTO", gpus) == 2 and default_instance_count("KIND_GPU", gpus) == 2
+    assert default_instance_count("KIND_CPU", gpus) == 1
+    here = 2 if Path("/proc/driver/nvidia/gpus").is_dir() else 1
+    assert repository_for(Settings(data_dir=tmp_path)).config.instance_count == here
+    assert repository_for(Settings(data_dir=tmp_path, triton_instance_count=3)).config.instance_count == 3

@@ -156,14 +156,22 @@ class ModelRepository:
         return True
 
 
+def default_instance_count(kind: str, gpus: Path = Path("/proc/driver/nvidia/gpus")) -> int:
+    """Two instances per GPU where this machine has one, so that one decodes and copies while the other
+    computes; one on the CPU, where torch already spreads each batch over every core."""
+    has_gpu = gpus.is_dir() and any(gpus.iterdir())
+    return 2 if has_gpu and kind != "KIND_CPU" else 1
+
+
 def repository_for(settings: Settings) -> ModelRepository:
     """The model repository that ``settings`` name, writing configs with its Triton options."""
+    kind = settings.triton_instance_kind
     return ModelRepository(
         settings.repository,
         RepositoryConfig(
             max_batch_size=settings.triton_max_batch_size,
             max_queue_delay_us=settings.triton_max_queue_delay_us,
-            instance_count=settings.triton_instance_count,
-            instance_kind=settings.triton_instance_kind,
+            instance_count=settings.triton_instance_count or default_instance_count(kind),
+            instance_kind=kind,
         ),
     )
