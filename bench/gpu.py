@@ -1,0 +1,261 @@
+#!/usr/bin/env python3
+"""Prelabel on a GPU against raw torch on the same GPU and model, one run (issue 13's targets).
+
+    .venv/bin/python bench/gpu.py                       # ResNet-50, 224 px, batch 64, on cuda
+    .venv/bin/python bench/gpu.py --quick --device cpu  # the same measurements, small, on the CPU (CI)
+
+Measures, with the same network (random weights, 1000 classes, saved to a weights file and served as
+``PRELABEL_BASE_WEIGHTS=ARCH:file``, as production serves its ImageNet bases) and the same JPEG photos
+(random crops of scikit-learn's sample photos, 40-150 KB):
+
+1. raw torch, compute only: pre-decoded pixels, fp16 autocast, channels-last (images/s; batch 1 p50);
+2. the in-process pipeline: ``Runner.run`` on the encoded JPEGs (decode + forward), with nvJPEG on the
+   device and with Pillow on the CPU;
+3. straight to Triton (``prelabel serve``'s embedded Triton, ``KIND_GPU`` instances) and 4. through
+   the gateway (``Predict``), alternated so that noise hits both alike: saturation (batch ``--batch``,
+   ``--concurrency`` clients) and batch 1 with one client (p50);
+5. training: a raw torch loop (AdamW, bf16 autocast, channels-last, resident pixels) against
+   Prelabel's training loop (``loop.fit``, full fine-tune recipe), images/s.
+
+It prints the ratios the targets are stated in: gateway / raw torch (>= 0.70), gateway / Triton
+(>= 0.95), batch-1 p50 added by the gateway (<= 1 ms), Prelabel / raw training (>= 0.60).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import grpc
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from sklearn.datasets import load_sample_images
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.gateway_vs_triton import load, pct
+from prelabel.models import backbones
+from prelabel.models.runner import Runner
+from prelabel.training import loop
+from prelabel.training.data import Examples
+from prelabel.training.strategy import FULL_FINE_TUNE
+from prelabel.triton.client import TritonClient
+from prelabel.v1 import prelabel_pb2 as pb
+from prelabel.v1 import prelabel_pb2_grpc as rpc
+from tests.stack import Stack, wait_for_health
+
+
+def photos(count: int, seed: int = 0) -> list[bytes]:
+    """JPEGs of random crops (300-900 px) of the sample photos: distinct files, camera-like sizes."""
+    rng = np.random.default_rng(seed)
+    sources = [Image.fromarray(p) for p in load_sample_images().images]
+    out = []
+    for i in range(count):
+        src = sources[i % len(sources)]
+        w = int(rng.integers(300, src.width))
+        h = int(w * rng.uniform(0.6, 0.75))
+        left, top = int(rng.integers(0, src.width - w + 1)), int(rng.integers(0, max(1, src.height - h + 1)))
+        crop = src.crop((left, top, left + w, min(src.height, top + h)))
+        crop = crop.resize((int(crop.width * 1.4), int(crop.height * 1.4)))
+        buffer = io.BytesIO()
+        crop.save(buffer, "JPEG", quality=90)
+        out.append(buffer.getvalue())
+    return out
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, device: torch.device, seconds: float) -> tuple[float, list[float]]:  # type: ignore[no-untyped-def]
+    """Calls of ``fn`` (returning its image count) for ``seconds``: (images/s, per-call latencies)."""
+    fn()
+    sync(device)
+    latencies, images, stop = [], 0, time.perf_counter() + seconds
+    started = time.perf_counter()
+    while time.perf_counter() < stop:
+        t = time.perf_counter()
+        images += fn()
+        sync(device)
+        latencies.append(time.perf_counter() - t)
+    return images / (time.perf_counter() - started), latencies
+
+
+def raw_inference(model: backbones.Classifier, pixels: torch.Tensor, normalize: backbones.Normalizer,
+                  device: torch.device, seconds: float) -> tuple[float, float]:  # fmt: skip
+    """(images/s at the batch of ``pixels``, batch-1 p50 ms): decoded pixels already on the device."""
+    on_device = pixels.to(device)
+
+    @torch.inference_mode()
+    def forward(x: torch.Tensor) -> int:
+        with torch.autocast("cuda", dtype=torch.float16, enabled=device.type == "cuda"):
+            model(normalize(x))
+        return len(x)
+
+    rate, _ = timed(lambda: forward(on_device), device, seconds)
+    _, latencies = timed(lambda: forward(on_device[:1]), device, seconds / 2)
+    return rate, pct(latencies, 50)
+
+
+def raw_training(arch: str, size: int, batch: int, device: torch.device, steps: int) -> float:
+    """images/s of a plain AdamW loop on resident random pixels: the ceiling for Prelabel's loop."""
+    model = backbones.build(arch, 10, size).to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    pixels = torch.randint(0, 256, (batch * 4, 3, size, size), dtype=torch.uint8, device=device)
+    labels = torch.randint(0, 10, (batch * 4,), device=device)
+    amp = loop.autocast_dtype(device)
+
+    def step(i: int) -> None:
+        index = torch.arange(i % 4 * batch, (i % 4 + 1) * batch, device=device)
+        x = pixels[index].float().div_(255)
+        if device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast("cuda", dtype=amp or torch.float16, enabled=amp is not None):
+            loss = F.cross_entropy(model(x)[0], labels[index])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    for i in range(3):  # warm-up (cuDNN picks its algorithms)
+        step(i)
+    sync(device)
+    started = time.perf_counter()
+    for i in range(steps):
+        step(i)
+    sync(device)
+    return steps * batch / (time.perf_counter() - started)
+
+
+def prelabel_training(arch: str, size: int, device: torch.device, steps: int) -> tuple[float, int]:
+    """(images/s, batch) of ``loop.fit`` with the full fine-tune recipe on 2,048 decoded images."""
+    n = 2048
+    train = Examples(torch.randint(0, 256, (n, size, size, 3), dtype=torch.uint8),
+                     torch.randint(0, 10, (n,)), [str(i) for i in range(10)])  # fmt: skip
+    recipe = loop.recipe(FULL_FINE_TUNE, n)
+    normalize = backbones.Normalizer(backbones.architecture(arch).imagenet_preprocess(), device)
+
+    def fit(stop_at: int) -> None:
+        model = backbones.build(arch, 10, size)
+        loop.fit(model, [], train, None, normalize, recipe, 0, lambda *_: None, lambda: False, stop_at=stop_at)
+
+    fit(3)  # warm-up
+    sync(device)
+    started = time.perf_counter()
+    fit(steps)
+    sync(device)
+    return steps * recipe.batch_size / (time.perf_counter() - started), recipe.batch_size
+
+
+async def serving(stack: Stack, name: str, jpegs: list[bytes], args: argparse.Namespace) -> dict[str, float]:
+    """Straight to Triton and through the gateway, alternated: saturation rates and batch-1 p50s."""
+    triton = TritonClient(stack.triton_url)
+    channel = grpc.aio.insecure_channel(stack.address, options=[("grpc.max_send_message_length", 256 * 2**20)])
+    stub = rpc.PredictionServiceStub(channel)
+
+    async def direct(batch: list[bytes]) -> None:
+        await triton.infer(name, "", batch, False, 120)
+
+    async def gateway(batch: list[bytes]) -> None:
+        await stub.Predict(pb.PredictRequest(model=name, images=[pb.Image(content=c) for c in batch]), timeout=120)
+
+    for call in (direct, gateway):
+        await load(call, jpegs[: args.batch], 2, 2.0)
+    rates: dict[str, list[float]] = {"direct": [], "gateway": []}
+    latencies: dict[str, list[float]] = {"direct": [], "gateway": []}
+    for r in range(args.rounds):
+        for label, call in (("direct", direct), ("gateway", gateway)):
+            offset = (r * args.batch) % max(1, len(jpegs) - args.batch)
+            rate, _ = await load(call, jpegs[offset : offset + args.batch], args.concurrency, args.seconds)
+            rates[label].append(rate)
+            _, lat = await load(call, jpegs[r : r + 1], 1, args.seconds / 2)
+            latencies[label].extend(lat)
+    await channel.close()
+    await triton.close()
+    return {
+        "direct": statistics.median(rates["direct"]), "gateway": statistics.median(rates["gateway"]),
+        "direct_p50": pct(latencies["direct"], 50), "gateway_p50": pct(latencies["gateway"], 50),
+    }  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--arch", default="resnet50")
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--seconds", type=float, default=5.0, help="per measurement")
+    parser.add_argument("--rounds", type=int, default=2, help="alternations of Triton and the gateway")
+    parser.add_argument("--images", type=int, default=256, help="distinct JPEGs")
+    parser.add_argument("--train-steps", type=int, default=60)
+    parser.add_argument("--quick", action="store_true", help="tiny settings: checks that the script works")
+    args = parser.parse_args()
+    if args.quick:
+        args.arch, args.batch, args.concurrency, args.seconds, args.rounds = "resnet18", 8, 2, 1.0, 1
+        args.images, args.train_steps = 16, 2
+    device = torch.device(args.device)
+    name = args.arch.replace("_", "-")
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "no GPU (CPU)"
+    print(
+        f"{args.arch} on {gpu}; batch {args.batch}, {args.concurrency} clients, torch {torch.__version__}", flush=True
+    )
+
+    data_dir = Path(tempfile.mkdtemp(prefix="prelabel-gpu-bench-"))
+    weights = data_dir / f"{args.arch}.pth"
+    torch.save(backbones.build(args.arch, 1000).state_dict(), weights)
+    jpegs = photos(args.images)
+    print(f"{len(jpegs)} JPEGs, {min(map(len, jpegs)) // 1024}-{max(map(len, jpegs)) // 1024} KB", flush=True)
+
+    kind = "KIND_GPU" if device.type == "cuda" else "KIND_CPU"
+    stack = Stack.serve(data_dir, default_model=name, base_weights=f"{args.arch}:{weights}",
+                        triton_instance_kind=kind, triton_max_batch_size=args.batch,
+                        max_images_per_request=max(64, args.batch))  # fmt: skip
+    try:
+        wait_for_health(stack.address, timeout=600)
+        version = data_dir / "models" / name / "1"
+        runner = Runner(version, device=str(device), max_batch=args.batch)
+        decoded = torch.stack([torch.as_tensor(d) for d in runner.decode(jpegs[: args.batch], [0] * args.batch)])
+        raw, raw_p50 = raw_inference(runner.model, decoded, runner.normalize, device, args.seconds)
+        pipeline: dict[str, float] = {}
+        for label, on_device in (("nvJPEG", True), ("Pillow", False)):
+            runner.decode_on_device = on_device
+            pipeline[label], _ = timed(lambda: len(runner.run(jpegs[: args.batch]).error_codes), device, args.seconds)
+        served = asyncio.run(serving(stack, name, jpegs, args))
+    finally:
+        stack.stop()
+    size, raw_batch = (64, 8) if args.quick else (224, 64)
+    raw_train = raw_training(args.arch, size, raw_batch, device, args.train_steps)
+    ours_train, train_batch = prelabel_training(args.arch, size, device, args.train_steps)
+
+    rows = [
+        ("raw torch, compute only (fp16, channels-last)", raw, raw_p50),
+        ("in process: Runner, nvJPEG decode + forward", pipeline["nvJPEG"], None),
+        ("in process: Runner, Pillow decode + forward", pipeline["Pillow"], None),
+        ("straight to Triton", served["direct"], served["direct_p50"]),
+        ("through the gateway", served["gateway"], served["gateway_p50"]),
+    ]
+    print(f"\n| path | images/s (batch {args.batch}, {args.concurrency} clients) | batch 1 p50 ms |\n|---|---|---|")
+    for label, rate, p50 in rows:
+        print(f"| {label} | {rate:,.0f} | {'' if p50 is None else f'{p50:.1f}'} |")
+    print(f"| training {size} px: raw torch loop (AdamW, bf16, batch {raw_batch}) | {raw_train:,.0f} | |")
+    print(f"| training {size} px: Prelabel `loop.fit`, full fine-tune (batch {train_batch}) | {ours_train:,.0f} | |")
+    print("\n| ratio | measured | target |\n|---|---|---|")
+    print(f"| gateway / raw torch | {served['gateway'] / raw:.2f} | >= 0.70 |")
+    print(f"| gateway / straight to Triton | {served['gateway'] / served['direct']:.2f} | >= 0.95 |")
+    print(f"| batch-1 p50 added by the gateway | {served['gateway_p50'] - served['direct_p50']:+.2f} ms | <= 1 ms |")
+    print(f"| Prelabel training / raw training | {ours_train / raw_train:.2f} | >= 0.60 |")
+    print(f"| in-process nvJPEG / Pillow | {pipeline['nvJPEG'] / pipeline['Pillow']:.2f} | |")
+
+
+if __name__ == "__main__":
+    main()
