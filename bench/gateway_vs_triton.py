@@ -6,7 +6,7 @@
 Starts the real ``prelabel serve`` (embedded Triton) on free ports. For every batch size and
 concurrency it alternates the two paths (direct, gateway, direct, gateway...) so that machine noise
 hits both alike, and prints images/s, p50 and p99 per path and their ratios. Both paths send the
-encoded images as BYTES and ask for the same outputs; the gateway adds header checks, top-k,
+encoded images (one flat UINT8 tensor) and ask for the same outputs; the gateway adds header checks, top-k,
 uncertainty and protobuf building. Client, gateway and Triton share this machine's cores.
 """
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import io
 import statistics
 import sys
@@ -37,7 +38,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from sklearn.datasets import load_sample_images
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -56,7 +56,11 @@ from tests.stack import Stack, wait_for_health
 def photos(count: int, seed: int = 0) -> list[bytes]:
     """JPEGs of random crops (300-900 px) of the sample photos: distinct files, camera-like sizes."""
     rng = np.random.default_rng(seed)
-    sources = [Image.fromarray(p) for p in load_sample_images().images]
+    # The JPEGs inside scikit-learn, read without importing it (its SciPy may not match the numpy here).
+    spec = importlib.util.find_spec("sklearn")
+    assert spec is not None and spec.submodule_search_locations, "scikit-learn (its sample photos) is missing"
+    folder = Path(spec.submodule_search_locations[0]) / "datasets" / "images"
+    sources = [Image.open(path).convert("RGB") for path in sorted(folder.glob("*.jpg"))]
     out = []
     for i in range(count):
         src = sources[i % len(sources)]
