@@ -209,3 +209,8 @@ def test_runner_device_path_and_batch_limit_give_the_cpu_path_predictions(runner
     assert ok.sum() == len(images) - 3
     assert (device.probabilities[ok].argmax(1) == cpu.probabilities[ok].argmax(1)).mean() >= 0.9
     assert np.abs(device.probabilities - cpu.probabilities).max() < 0.1
+    # Three at a time, so one block holds only the three unusable images: the same answers as one batch.
+    chunked = Runner(base_version, max_batch=3).run(images)
+    assert chunked.error_codes.tolist() == cpu.error_codes.tolist() and chunked.error_messages == cpu.error_messages
+    np.testing.assert_allclose(chunked.probabilities, cpu.probabilities, atol=1e-5)
+    np.testing.assert_allclose(chunked.embeddings, cpu.embeddings, atol=1e-4)

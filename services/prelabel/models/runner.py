@@ -65,20 +65,28 @@ class Runner:
         return [self._decode(images[0], max_pixels[0])]
 
     def run(self, images: list[bytes], max_pixels: list[int] | None = None) -> Outputs:
-        """``max_pixels[i]`` bounds image i (0: no limit); the header is checked before decoding."""
-        decoded = self.decode(images, max_pixels or [0] * len(images))
-        ok = [i for i, d in enumerate(decoded) if not isinstance(d, ImageError)]
-        codes = np.array([d.status if isinstance(d, ImageError) else 0 for d in decoded], dtype=np.int32)
-        messages = [str(d) if isinstance(d, ImageError) else "" for d in decoded]
+        """``max_pixels[i]`` bounds image i (0: no limit); the header is checked before decoding.
+
+        Images are decoded and forwarded ``max_batch`` at a time, so memory stays bounded however many
+        requests Triton's batcher merges into one call."""
+        limits = max_pixels or [0] * len(images)
+        codes = np.zeros(len(images), dtype=np.int32)
+        messages = [""] * len(images)
         probabilities = np.zeros((len(images), len(self.card.labels)), dtype=np.float32)
         embeddings = np.zeros((len(images), self.model.embedding_dim), dtype=np.float32)
-        for start in range(0, len(ok), self.max_batch):
-            rows = ok[start : start + self.max_batch]
-            if self.decode_on_device:
-                pixels = torch.stack([decoded[i] for i in rows])
-            else:
-                pixels = torch.from_numpy(np.stack([decoded[i] for i in rows]))
-            probabilities[rows], embeddings[rows] = self.forward(pixels)
+        for start in range(0, len(images), self.max_batch):
+            decoded = self.decode(images[start : start + self.max_batch], limits[start : start + self.max_batch])
+            ok = []
+            for i, d in enumerate(decoded, start):
+                if isinstance(d, ImageError):
+                    codes[i], messages[i] = d.status, str(d)
+                else:
+                    ok.append(i)
+            if not ok:
+                continue
+            usable = [d for d in decoded if not isinstance(d, ImageError)]
+            pixels = torch.stack(usable) if self.decode_on_device else torch.from_numpy(np.stack(usable))
+            probabilities[ok], embeddings[ok] = self.forward(pixels)
         return Outputs(probabilities, embeddings, codes, messages)
 
     @torch.inference_mode()

@@ -33,6 +33,8 @@ class Augment:
         theta = torch.zeros(n, 2, 3)
         theta[:, 0, 0], theta[:, 0, 2] = w * sign, cx
         theta[:, 1, 1], theta[:, 1, 2] = h, cy
-        theta = theta.to(x.device, x.dtype)
+        if x.device.type == "cuda":  # from pinned memory: the copy does not wait for the GPU's queued work
+            theta = theta.pin_memory()
+        theta = theta.to(x.device, x.dtype, non_blocking=True)
         grid = F.affine_grid(theta, list(x.shape), align_corners=False)
         return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)

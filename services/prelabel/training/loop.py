@@ -162,6 +162,7 @@ def fit(
     run = Run(model, 0)
     order, cursor = torch.randperm(len(train), generator=generator), 0
     pixels, labels = resident(train.pixels, device), resident(train.labels, device)
+    placed: tuple[torch.Tensor, torch.Tensor] | None = None
     if resume is not None:
         model.load_state_dict(resume["model"])
         optimizer.load_state_dict(resume["optimizer"])
@@ -191,10 +192,12 @@ def fit(
             raise Stopped(f"stopped at step {run.steps_done} of {end}")
         if cursor + recipe.batch_size > len(order):
             order, cursor = torch.randperm(len(train), generator=generator), 0
-        index = order[cursor : cursor + recipe.batch_size]
+        if placed is None or placed[0] is not order:  # the epoch's order, copied to the images' device once
+            placed = (order, order.to(pixels.device))
+        index = placed[1][cursor : cursor + recipe.batch_size]
         cursor += recipe.batch_size
-        x = recipe.augment(normalize(pixels[index.to(pixels.device)]), generator)
-        y = labels[index.to(labels.device)].to(device, non_blocking=True)
+        x = recipe.augment(normalize(pixels[index]), generator)
+        y = labels[index].to(device, non_blocking=True)
         with torch.autocast("cuda", dtype=amp or torch.float16, enabled=amp is not None):
             loss = F.cross_entropy(model(x)[0], y, label_smoothing=recipe.label_smoothing)
         optimizer.zero_grad(set_to_none=True)
