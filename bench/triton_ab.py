@@ -1,0 +1,105 @@
+#!/usr/bin/env python3
+"""Two commits' Triton model served side by side, every call alternated between them (paired latencies).
+
+    .venv/bin/python bench/triton_ab.py --old dc69ad6            # BYTES wire (before issue 13) vs this tree
+
+Serving the two codes one after the other on this noisy machine measured order effects of 10-25 %;
+here both run at once and each call goes to one then the other (order alternating), so that noise
+hits both alike. The old commit is checked out in a temporary git worktree and served from a small
+environment laid over ``.venv`` (its ``services/`` first on the path, Triton's stub included). The
+client speaks each commit's wire format: BYTES ``IMAGE`` before, ``IMAGES`` + ``SIZES`` after.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import tritonclient.grpc.aio as tg
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.gateway_vs_triton import images
+from prelabel.triton.client import image_inputs
+from tests.stack import Stack, wait_for_health
+
+ROOT = Path(__file__).resolve().parent.parent
+OUTPUTS = [tg.InferRequestedOutput(n) for n in ("PROBABILITIES", "ERROR_CODE", "ERROR_MESSAGE")]
+
+
+def bytes_inputs(batch: list[bytes]) -> list[tg.InferInput]:
+    data = np.empty((len(batch), 1), dtype=np.object_)
+    data[:, 0] = batch
+    tensor = tg.InferInput("IMAGE", list(data.shape), "BYTES")
+    tensor.set_data_from_numpy(data)
+    return [tensor]
+
+
+def environment_at(commit: str, folder: Path) -> str:
+    """A python that imports Prelabel from ``commit`` and everything else from ``.venv``."""
+    subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "-q", "--detach", str(folder / "src"), commit],
+                   check=True)  # fmt: skip
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(folder / "env")], check=True)
+    python = folder / "env" / "bin" / "python"
+    purelib = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
+                             capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
+    Path(purelib, "zz-ab.pth").write_text(
+        f"{folder / 'src' / 'services'}\nimport site; site.addsitedir({sysconfig.get_path('purelib')!r})\n"
+    )
+    return str(python)
+
+
+async def compare(urls: dict[str, str], plan: list[tuple[int, int]]) -> None:
+    clients = {k: tg.InferenceServerClient(u) for k, u in urls.items()}
+    make = {"old": bytes_inputs, "new": image_inputs}
+    pool = images(64, 256)
+    print("| batch | pairs | paired new/old latency: median (quartiles) | p50 old / new ms |\n|---|---|---|---|")
+    for batch, calls in plan:
+        latency: dict[str, list[float]] = {"old": [], "new": []}
+        for i in range(calls):
+            chunk = pool[i % 8 : i % 8 + batch]
+            for k in ("old", "new") if i % 2 == 0 else ("new", "old"):
+                t = time.perf_counter()
+                result = await clients[k].infer("prelabel-base", make[k](chunk), outputs=OUTPUTS)
+                result.as_numpy("PROBABILITIES")
+                latency[k].append(time.perf_counter() - t)
+        ratios = sorted(n / o for o, n in zip(latency["old"][5:], latency["new"][5:], strict=True))
+        q = [ratios[int(f * (len(ratios) - 1))] for f in (0.25, 0.5, 0.75)]
+        old, new = (statistics.median(latency[k]) * 1000 for k in ("old", "new"))
+        print(f"| {batch} | {len(ratios)} | {q[1]:.3f} ({q[0]:.3f}-{q[2]:.3f}) | {old:.1f} / {new:.1f} |", flush=True)
+    for client in clients.values():
+        await client.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--old", default="dc69ad6", help="the commit to compare this tree with")
+    parser.add_argument("--calls", type=int, nargs=3, default=[300, 120, 60], help="pairs at batch 1, 8, 32")
+    args = parser.parse_args()
+    folder = Path(tempfile.mkdtemp(prefix="prelabel-ab-"))
+    try:
+        old_python = environment_at(args.old, folder)
+        old = Stack.serve(folder / "old", python=old_python)
+        new = Stack.serve(folder / "new")
+        try:
+            wait_for_health(old.address)
+            wait_for_health(new.address)
+            plan = list(zip((1, 8, 32), args.calls, strict=True))
+            asyncio.run(compare({"old": old.triton_url, "new": new.triton_url}, plan))
+        finally:
+            old.stop()
+            new.stop()
+    finally:
+        subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(folder / "src")], check=False)
+
+
+if __name__ == "__main__":
+    main()
