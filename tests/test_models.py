@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 from sklearn.datasets import load_sample_images
 
+from prelabel.batching import bounded
 from prelabel.datasets import formulas
 from prelabel.errors import InvalidArgument, NotFound, Unavailable
 from prelabel.models import backbones, base, device_decode
@@ -189,7 +190,8 @@ def test_device_decoding_matches_pillow_and_keeps_per_image_errors():
 
 def test_device_decoding_bounds_the_pixels_of_one_pass():
     sizes = [(0, 40), (1, 40), (2, 30), (3, 100), (4, 10)]
-    assert list(device_decode._passes(sizes, 80)) == [[0, 1], [2], [3], [4]]  # a large image goes alone
+    passes = [[i for i, _ in b] for b in bounded(sizes, lambda s: s[1], 80)]
+    assert passes == [[0, 1], [2], [3], [4]]  # a large image goes alone
     images = list(_photo_jpegs().values())[:3]
     preprocess = Preprocess(resize=64, crop=64)
     whole = device_decode.decode_batch(images, preprocess, torch.device("cpu"), [0] * 3)

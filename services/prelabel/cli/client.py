@@ -16,6 +16,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tqdm import tqdm
 
+from prelabel.batching import bounded
 from prelabel.errors import InvalidArgument, Unavailable
 from prelabel.labelstudio import export
 from prelabel.preprocessing import IMAGE_SUFFIXES
@@ -130,17 +131,7 @@ def prediction_json(path: Path, response: pb.PredictResponse, p: pb.Prediction) 
 
 def batched(files: list[Path], count: int, max_bytes: int) -> Iterator[list[Path]]:
     """Batches of at most ``count`` files and ``max_bytes`` (a larger file travels alone)."""
-    batch: list[Path] = []
-    size = 0
-    for path in files:
-        n = path.stat().st_size
-        if batch and (len(batch) == count or size + n > max_bytes):
-            yield batch
-            batch, size = [], 0
-        batch.append(path)
-        size += n
-    if batch:
-        yield batch
+    return bounded(files, lambda path: path.stat().st_size, max_bytes, count)
 
 
 def predict(server: str, creds: Credentials, args: argparse.Namespace) -> int:

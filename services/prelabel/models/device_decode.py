@@ -20,13 +20,14 @@ from __future__ import annotations
 import io
 import warnings
 from collections import defaultdict
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from PIL import Image
 from torchvision.io import ImageReadMode, decode_jpeg
 
+from prelabel.batching import bounded
 from prelabel.preprocessing import ImageError, Preprocess, decode
 
 PIXELS_PER_PASS = 64 * 2**20  # decoded pixels held at once: 192 MiB of uint8 RGB
@@ -47,7 +48,8 @@ def decode_batch(
             out[i] = _on_cpu(content, preprocess, max_pixels[i], device)
         else:
             jpegs.append((i, count))
-    for chunk in _passes(jpegs, pixels_per_pass):
+    for batch in bounded(jpegs, lambda jpeg: jpeg[1], pixels_per_pass):  # one large image goes alone
+        chunk = [i for i, _ in batch]
         full = _decode_jpegs([images[i] for i in chunk], device)
         done = [(i, f) for i, f in zip(chunk, full, strict=True) if f is not None]
         for i, f in zip(chunk, full, strict=True):
@@ -77,20 +79,6 @@ def _on_cpu(content: bytes, preprocess: Preprocess, max_pixels: int, device: tor
         return torch.tensor(decode(content, preprocess, max_pixels), device=device)
     except ImageError as exc:
         return exc
-
-
-def _passes(jpegs: list[tuple[int, int]], budget: int) -> Iterator[list[int]]:
-    """Consecutive groups of images whose decoded pixels stay within ``budget`` (one large image alone)."""
-    chunk: list[int] = []
-    held = 0
-    for i, pixels in jpegs:
-        if chunk and held + pixels > budget:
-            yield chunk
-            chunk, held = [], 0
-        chunk.append(i)
-        held += pixels
-    if chunk:
-        yield chunk
 
 
 def _decode_jpegs(contents: list[bytes], device: torch.device) -> list[torch.Tensor | None]:
