@@ -69,7 +69,8 @@ def test_health_follows_triton_and_supervisor_restarts_it(tmp_path):
 
 @pytest.mark.timeout(600)
 def test_triton_killed_under_load_comes_back_every_time_and_leaves_nothing_behind(tmp_path):
-    """kill -9 of tritonserver while clients call Predict, three times: its python-backend stubs
+    """kill -9 of tritonserver while clients call Predict, twice (the second kills the Triton
+    that the supervisor restarted): its python-backend stubs
     (orphaned, holding its pipes, memory and /dev/shm) must not keep the supervisor from seeing the
     exit, and the gateway must serve again within seconds of Triton being back."""
     stack = Stack.serve(tmp_path)
@@ -92,7 +93,7 @@ def test_triton_killed_under_load_comes_back_every_time_and_leaves_nothing_behin
         threads = [threading.Thread(target=client, daemon=True) for _ in range(3)]
         for t in threads:
             t.start()
-        for round_ in range(3):
+        for round_ in range(2):
             time.sleep(2)  # calls in flight
             (triton,) = children(stack.process.popen.pid, "tritonserver")
             group = processes.group_members(triton)

@@ -37,7 +37,7 @@ def test_predict_works_with_numpy_2_in_tritons_environment(tmp_path, labelled_im
     bomb = encode(Image.new("RGB", (2500, 2000), "white"), "PNG")  # over the stack's 4 MP limit
     images = [*((i, c) for i, c, _ in labelled_images), ("photo-0", photos[0]), ("photo-1", photos[1]),
               ("garbage", b"not an image"), ("bomb", bomb)]  # fmt: skip
-    stack = Stack.serve(tmp_path, python=str(NUMPY2), **STACK_LIMITS)
+    stack = Stack.serve(tmp_path, python=str(NUMPY2), trainer_workers=0, **STACK_LIMITS)
     try:
         wait_for_health(stack.address)
         with grpc.insecure_channel(stack.address) as channel:
