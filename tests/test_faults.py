@@ -67,10 +67,10 @@ def test_health_follows_triton_and_supervisor_restarts_it(tmp_path):
     assert exit_code == 0  # after the block: a failure in it is reported first
 
 
-@pytest.mark.timeout(600)
 ROUNDS = 2  # kills of Triton under load in the test below
 
 
+@pytest.mark.timeout(600)
 def test_triton_killed_under_load_comes_back_every_time_and_leaves_nothing_behind(tmp_path):
     """kill -9 of tritonserver while clients call Predict, twice (the second kills the Triton
     that the supervisor restarted): its python-backend stubs
