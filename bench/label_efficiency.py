@@ -171,11 +171,8 @@ def main() -> None:
     parser.add_argument("--tasks", nargs="+", default=TASKS, choices=TASKS)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-textbook", action="store_true", help="skip the ResNet-18 baseline (slow)")
-    parser.add_argument(
-        "--only-auto",
-        action="store_true",
-        help="AUTO alone (after a change to its rule: the fixed strategies do not depend on it)",
-    )
+    parser.add_argument("--only-auto", action="store_true",
+                        help="AUTO alone (after a change to its rule: the fixed strategies do not depend on it)")
     args = parser.parse_args()
     repo = ModelRepository(Path(tempfile.mkdtemp(prefix="prelabel-bench-")) / "models")
     ensure_default_model(repo, "prelabel-base", "builtin")

@@ -215,13 +215,8 @@ def test_each_strategy_trains(base, strategy_name):
 
 @pytest.mark.parametrize(
     "phase,strategy_",
-    [
-        ("embedding", engine.AUTO),
-        ("feature extraction", engine.AUTO),
-        ("fold 1", engine.FULL_FINE_TUNE),
-        ("fold 3", engine.FULL_FINE_TUNE),
-        ("on every example", engine.FULL_FINE_TUNE),
-    ],
+    [("embedding", engine.AUTO), ("feature extraction", engine.AUTO), ("fold 1", engine.FULL_FINE_TUNE),
+     ("fold 3", engine.FULL_FINE_TUNE), ("on every example", engine.FULL_FINE_TUNE)],
 )  # AUTO's trial may publish feature extraction (no final run): a requested deep strategy always has one
 def test_cancel_is_honoured_in_every_phase(base, phase, strategy_):
     examples = novel(4, 2, base)
@@ -350,4 +345,4 @@ def test_one_pass_gives_the_base_its_logits_and_feature_extraction_its_features(
     logits, embeddings, features = engine._base_pass(base.model, fe_model, examples.pixels, normalize, lambda: None)
     two_passes = loop.predict(base.model, examples.pixels, normalize)
     assert torch.allclose(logits, two_passes[0], atol=1e-4) and torch.allclose(embeddings, two_passes[1], atol=1e-5)
-    assert features.shape[1] == fe_model.embedding_dim and torch.equal(features[:, -embeddings.shape[1] :], embeddings)
+    assert features.shape[1] == fe_model.embedding_dim and torch.equal(features[:, -embeddings.shape[1]:], embeddings)
