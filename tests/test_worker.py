@@ -115,7 +115,7 @@ def test_cancel_before_training_or_after_it_never_publishes(trainer, monkeypatch
     claimed = trainer.queue.claim(trainer.name, trainer.settings.job_lease_s)
     assert claimed is not None
     if phase == "decoding":
-        real = data.decode
+        real = data.decode_or_error
 
         def slow_decode(*args, **kwargs):
             if not trainer.queue.get(job.id).cancel_requested:
@@ -123,7 +123,7 @@ def test_cancel_before_training_or_after_it_never_publishes(trainer, monkeypatch
             time.sleep(0.25)  # 24 images: 6 s, long enough for the heartbeat to hear of the cancel
             return real(*args, **kwargs)
 
-        monkeypatch.setattr(data, "decode", slow_decode)
+        monkeypatch.setattr(data, "decode_or_error", slow_decode)
     else:
         real_train = engine.train
 

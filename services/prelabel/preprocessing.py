@@ -98,6 +98,15 @@ def decode(content: bytes, preprocess: Preprocess, max_pixels: int = 0) -> npt.N
         raise ImageError(f"the image could not be decoded (corrupt or truncated?): {exc}") from None
 
 
+def decode_or_error(content: bytes, preprocess: Preprocess, max_pixels: int = 0) -> npt.NDArray[Any] | ImageError:
+    """:func:`decode`, returning an unusable image's error instead of raising it: in a batch, each
+    image keeps its own error and the others go on."""
+    try:
+        return decode(content, preprocess, max_pixels)
+    except ImageError as exc:
+        return exc
+
+
 def resize_crop(image: Image.Image, preprocess: Preprocess) -> npt.NDArray[Any]:
     """Resize the short side to ``resize`` and take the central ``crop`` square, resizing only that square."""
     # The crop, in the image's own pixels, at most the short side: ``crop / (resize / short)`` can come

@@ -28,7 +28,7 @@ from PIL import Image
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from prelabel.batching import bounded
-from prelabel.preprocessing import ImageError, Preprocess, decode
+from prelabel.preprocessing import ImageError, Preprocess, decode_or_error
 
 PIXELS_PER_PASS = 64 * 2**20  # decoded pixels held at once: 192 MiB of uint8 RGB
 
@@ -50,11 +50,12 @@ def decode_batch(
             jpegs.append((i, count))
     for batch in bounded(jpegs, lambda jpeg: jpeg[1], pixels_per_pass):  # one large image goes alone
         chunk = [i for i, _ in batch]
-        full = _decode_jpegs([images[i] for i in chunk], device)
-        done = [(i, f) for i, f in zip(chunk, full, strict=True) if f is not None]
-        for i, f in zip(chunk, full, strict=True):
+        done = []
+        for i, f in zip(chunk, _decode_jpegs([images[i] for i in chunk], device), strict=True):
             if f is None:  # refused by nvJPEG (progressive, CMYK, corrupt...): the CPU path decides
                 out[i] = _on_cpu(images[i], preprocess, max_pixels[i], device)
+            else:
+                done.append((i, f))
         for (i, _), pixels in zip(done, resize_crop([f for _, f in done], preprocess), strict=True):
             out[i] = pixels
     return [out[i] for i in range(len(images))]
@@ -75,10 +76,8 @@ def _nvjpeg_pixels(content: bytes, max_pixels: int) -> int | None:
 
 
 def _on_cpu(content: bytes, preprocess: Preprocess, max_pixels: int, device: torch.device) -> Decoded:
-    try:
-        return torch.tensor(decode(content, preprocess, max_pixels), device=device)
-    except ImageError as exc:
-        return exc
+    pixels = decode_or_error(content, preprocess, max_pixels)
+    return pixels if isinstance(pixels, ImageError) else torch.tensor(pixels, device=device)
 
 
 def _decode_jpegs(contents: list[bytes], device: torch.device) -> list[torch.Tensor | None]:

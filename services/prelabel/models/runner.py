@@ -19,7 +19,7 @@ import torch
 
 from prelabel.models import backbones, device_decode
 from prelabel.models.card import VersionCard
-from prelabel.preprocessing import ImageError, decode
+from prelabel.preprocessing import ImageError, decode_or_error
 
 
 @dataclass
@@ -50,19 +50,13 @@ class Runner:
         # PIL releases the GIL while decoding, so threads decode a batch in parallel.
         self.pool = ThreadPoolExecutor(max_workers=max(1, min(8, os.cpu_count() or 1)))
 
-    def _decode(self, content: bytes, max_pixels: int) -> npt.NDArray[Any] | ImageError:
-        try:
-            return decode(content, self.card.preprocess, max_pixels)
-        except ImageError as exc:
-            return exc
-
     def decode(self, images: list[bytes], max_pixels: list[int]) -> list[Any]:
         """uint8 ``[crop, crop, 3]`` pixels (numpy on the CPU path, a tensor on the device path) or an ImageError."""
         if self.decode_on_device:
             return list(device_decode.decode_batch(images, self.card.preprocess, self.device, max_pixels))
         if len(images) > 1:
-            return list(self.pool.map(self._decode, images, max_pixels))
-        return [self._decode(images[0], max_pixels[0])]
+            return list(self.pool.map(decode_or_error, images, [self.card.preprocess] * len(images), max_pixels))
+        return [decode_or_error(images[0], self.card.preprocess, max_pixels[0])]
 
     def run(self, images: list[bytes], max_pixels: list[int] | None = None) -> Outputs:
         """``max_pixels[i]`` bounds image i (0: no limit); the header is checked before decoding.

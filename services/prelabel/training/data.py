@@ -13,7 +13,6 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -22,7 +21,7 @@ from PIL import Image
 from prelabel.datasets.folder import labelled_files
 from prelabel.datasets.store import MIN_PER_CLASS
 from prelabel.errors import InvalidArgument
-from prelabel.preprocessing import ImageError, Preprocess, decode
+from prelabel.preprocessing import ImageError, Preprocess, decode_or_error
 
 DECODE_BLOCK = 64  # images decoded between two interrupt checks
 
@@ -58,18 +57,13 @@ def from_encoded(
     index = {c: i for i, c in enumerate(classes)}
     pixels, targets, problems = [], [], []
 
-    def one(content: bytes) -> np.ndarray[Any, Any] | ImageError:
-        try:
-            return decode(content, preprocess, max_pixels)
-        except ImageError as exc:
-            return exc
-
     # Pillow releases the GIL while decoding: threads decode in parallel, a block at a time between checks.
     with ThreadPoolExecutor(max_workers=max(1, min(8, os.cpu_count() or 1))) as pool:
         for start in range(0, len(images), DECODE_BLOCK):
             interrupt()
-            block = list(pool.map(one, images[start : start + DECODE_BLOCK]))
-            for n, result in enumerate(block, start):
+            block = images[start : start + DECODE_BLOCK]
+            results = pool.map(decode_or_error, block, [preprocess] * len(block), [max_pixels] * len(block))
+            for n, result in enumerate(results, start):
                 if isinstance(result, ImageError):
                     problems.append(f"{names[n] if names else f'image {n}'} ({result})")
                 else:

@@ -162,7 +162,6 @@ def fit(
     run = Run(model, 0)
     order, cursor = torch.randperm(len(train), generator=generator), 0
     pixels, labels = resident(train.pixels, device), resident(train.labels, device)
-    placed: tuple[torch.Tensor, torch.Tensor] | None = None
     if resume is not None:
         model.load_state_dict(resume["model"])
         optimizer.load_state_dict(resume["optimizer"])
@@ -173,6 +172,7 @@ def fit(
         run.steps_done, run.losses, run.accuracies, run.logits = (
             resume["steps_done"], resume["losses"], resume["accuracies"], resume["logits"])  # fmt: skip
         run.resumed_from = run.steps_done
+    placed = order.to(pixels.device)  # the epoch's order on the images' device, copied once per epoch
     end = min(stop_at or recipe.steps, recipe.steps)
     evals = set(recipe.eval_steps)
     # The running loss stays on the device: reading it every step would make the host wait for the GPU.
@@ -192,9 +192,8 @@ def fit(
             raise Stopped(f"stopped at step {run.steps_done} of {end}")
         if cursor + recipe.batch_size > len(order):
             order, cursor = torch.randperm(len(train), generator=generator), 0
-        if placed is None or placed[0] is not order:  # the epoch's order, copied to the images' device once
-            placed = (order, order.to(pixels.device))
-        index = placed[1][cursor : cursor + recipe.batch_size]
+            placed = order.to(pixels.device)
+        index = placed[cursor : cursor + recipe.batch_size]
         cursor += recipe.batch_size
         x = recipe.augment(normalize(pixels[index]), generator)
         y = labels[index].to(device, non_blocking=True)

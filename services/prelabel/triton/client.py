@@ -136,9 +136,8 @@ class TritonClient:
             raise self.convert(exc, f"inference on {model}/{version}") from None
         codes = result.as_numpy("ERROR_CODE").reshape(-1).tolist()
         messages = json.loads(result.as_numpy("ERROR_MESSAGE").tobytes())
-        probabilities = result.as_numpy("PROBABILITIES")
         return InferOutputs(
-            probabilities=probabilities.reshape(len(images), -1),
+            probabilities=result.as_numpy("PROBABILITIES").reshape(len(images), -1),
             embeddings=result.as_numpy("EMBEDDING").reshape(len(images), -1) if want_embedding else None,
             error_codes=codes,
             error_messages=[str(m) if c else "" for c, m in zip(codes, messages, strict=True)],
