@@ -7,7 +7,10 @@ Serving the two codes one after the other on this noisy machine measured order e
 here both run at once and each call goes to one then the other (order alternating), so that noise
 hits both alike. The old commit is checked out in a temporary git worktree and served from a small
 environment laid over ``.venv`` (its ``services/`` first on the path, Triton's stub included). The
-client speaks each commit's wire format: BYTES ``IMAGE`` before, ``IMAGES`` + ``SIZES`` after.
+client speaks each commit's wire format: BYTES ``IMAGE`` before issue 13, then ``IMAGES`` + ``SIZES``
+as one batch row per request (65ab960..c62fb07), now one batch row per image.
+``--old HEAD`` serves this tree's committed code against itself: the harness's own bias (which
+server started first, the layered environment), to subtract from a real comparison.
 """
 
 from __future__ import annotations
@@ -20,7 +23,9 @@ import sys
 import sysconfig
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import tritonclient.grpc.aio as tg
@@ -57,13 +62,58 @@ def environment_at(commit: str, folder: Path) -> str:
     return str(python)
 
 
-async def compare(urls: dict[str, str], plan: list[tuple[int, int]]) -> None:
+PHASES = ("queue", "compute_input", "compute_infer", "compute_output")
+
+
+async def statistics_of(client: tg.InferenceServerClient) -> dict[str, float]:
+    """Triton's cumulative per-model counters: requests, executions and nanoseconds in each phase."""
+    stats = (await client.get_inference_statistics("prelabel-base", as_json=True))["model_stats"]
+    totals = {"requests": 0.0, "executions": 0.0, **{p: 0.0 for p in PHASES}}
+    for version in stats:
+        inference = version.get("inference_stats", {})
+        totals["requests"] += float(inference.get("success", {}).get("count", 0))
+        totals["executions"] += float(version.get("execution_count", 0))
+        for phase in PHASES:
+            totals[phase] += float(inference.get(phase, {}).get("ns", 0))
+    return totals
+
+
+def where_time_went(batch: int, key: str, before: dict[str, float], after: dict[str, float]) -> str:
+    """One row: per request, how many executions and how many ms in each of Triton's phases."""
+    delta = {k: after[k] - before[k] for k in after}
+    requests = max(delta["requests"], 1.0)
+    phases = " | ".join(f"{delta[p] / requests / 1e6:.2f}" for p in PHASES)
+    return f"| {batch} | {key} | {delta['requests']:.0f} | {delta['executions'] / requests:.2f} | {phases} |"
+
+
+def one_row_inputs(batch: list[bytes]) -> list[tg.InferInput]:
+    """The wire of commits 65ab960..c62fb07: IMAGES ``[1, total]`` and SIZES ``[1, n]``, one batch row per request."""
+    flat = np.frombuffer(b"".join(batch), dtype=np.uint8).reshape(1, -1)
+    sizes = np.array([[len(b) for b in batch]], dtype=np.int64)
+    tensors = [tg.InferInput("IMAGES", list(flat.shape), "UINT8"), tg.InferInput("SIZES", list(sizes.shape), "INT64")]
+    tensors[0].set_data_from_numpy(flat)
+    tensors[1].set_data_from_numpy(sizes)
+    return tensors
+
+
+def wire_of(commit: str) -> Callable[[list[bytes]], list[tg.InferInput]]:
+    """How ``commit``'s model takes images: BYTES (before issue 13), one row per request, or one row per image."""
+    config = subprocess.run(["git", "-C", str(ROOT), "show", f"{commit}:services/prelabel/triton/repository.py"],
+                            capture_output=True, text=True, check=True).stdout  # fmt: skip
+    if '"IMAGES"' not in config:
+        return bytes_inputs
+    return image_inputs if '"SIZES", data_type: TYPE_INT64, dims: [ 1 ]' in config else one_row_inputs
+
+
+async def compare(urls: dict[str, str], plan: list[tuple[int, int]], old_wire: Callable[..., Any]) -> None:
     clients = {k: tg.InferenceServerClient(u) for k, u in urls.items()}
-    make = {"old": bytes_inputs, "new": image_inputs}
+    make = {"old": old_wire, "new": image_inputs}
     pool = images(64, 256)
     print("| batch | pairs | paired new/old latency: median (quartiles) | p50 old / new ms |\n|---|---|---|---|")
+    breakdown = []
     for batch, calls in plan:
         latency: dict[str, list[float]] = {"old": [], "new": []}
+        before = {k: await statistics_of(c) for k, c in clients.items()}
         for i in range(calls):
             chunk = pool[i % 8 : i % 8 + batch]
             for k in ("old", "new") if i % 2 == 0 else ("new", "old"):
@@ -75,6 +125,12 @@ async def compare(urls: dict[str, str], plan: list[tuple[int, int]]) -> None:
         q = [ratios[int(f * (len(ratios) - 1))] for f in (0.25, 0.5, 0.75)]
         old, new = (statistics.median(latency[k]) * 1000 for k in ("old", "new"))
         print(f"| {batch} | {len(ratios)} | {q[1]:.3f} ({q[0]:.3f}-{q[2]:.3f}) | {old:.1f} / {new:.1f} |", flush=True)
+        for k, c in clients.items():
+            breakdown.append(where_time_went(batch, k, before[k], await statistics_of(c)))
+    print("\nInside Triton, per request (ms):\n")
+    print("| batch | code | requests | executions per request | " + " | ".join(PHASES) + " |")
+    print("|---|---|---|---|" + "---|" * len(PHASES))
+    print("\n".join(breakdown))
     for client in clients.values():
         await client.close()
 
@@ -93,7 +149,7 @@ def main() -> None:
             wait_for_health(old.address)
             wait_for_health(new.address)
             plan = list(zip((1, 8, 32), args.calls, strict=True))
-            asyncio.run(compare({"old": old.triton_url, "new": new.triton_url}, plan))
+            asyncio.run(compare({"old": old.triton_url, "new": new.triton_url}, plan, wire_of(args.old)))
         finally:
             old.stop()
             new.stop()

@@ -14,8 +14,11 @@ from google.rpc import code_pb2
 from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from PIL import Image
+from tritonclient import grpc as triton_grpc
+from tritonclient.utils import InferenceServerException
 
 from prelabel.datasets import formulas, shapes
+from prelabel.triton.client import image_inputs
 from prelabel.v1 import prelabel_pb2 as pb
 from prelabel.v1 import prelabel_pb2_grpc as rpc
 from tests.conftest import encode, formula_images, request
@@ -62,6 +65,31 @@ def test_corrupt_and_oversized_images_get_per_image_errors(predict_stub, labelle
     assert by_id["huge"].error.code == code_pb2.RESOURCE_EXHAUSTED
     assert "1000002 bytes" in by_id["huge"].error.message and "PRELABEL_MAX_IMAGE_BYTES" in by_id["huge"].error.message
     assert all(not p.labels for i, p in by_id.items() if i != "ok")
+
+
+def test_triton_batches_count_images_and_bad_sizes_are_refused(stack, labelled_images):
+    """A request of n images is a batch of n for Triton: its batcher fills batches with images (a full
+    request runs at once, concurrent ones spread over instances), not with requests."""
+    client = triton_grpc.InferenceServerClient(stack.triton_url)
+    images = [content for _, content, _ in labelled_images[:5]]
+
+    def executions_of_five() -> int:
+        stats = client.get_inference_statistics("prelabel-base", as_json=True)["model_stats"]
+        return sum(int(b["compute_infer"]["count"]) for s in stats for b in s.get("batch_stats", [])
+                   if int(b["batch_size"]) == 5)  # fmt: skip
+
+    before = executions_of_five()
+    outputs = [triton_grpc.InferRequestedOutput(n) for n in ("PROBABILITIES", "ERROR_CODE", "ERROR_MESSAGE")]
+    result = client.infer("prelabel-base", image_inputs(images), outputs=outputs)
+    assert executions_of_five() == before + 1
+    assert result.as_numpy("PROBABILITIES").shape == (5, len(formulas.CLASSES))
+    assert result.as_numpy("ERROR_CODE").reshape(-1).tolist() == [0] * 5
+
+    data, sizes = image_inputs(images)
+    sizes.set_data_from_numpy(np.array([[len(i) + 1] for i in images], dtype=np.int64))  # 5 bytes too many
+    with pytest.raises(InferenceServerException, match="SIZES add up to"):
+        client.infer("prelabel-base", [data, sizes], outputs=outputs)
+    client.close()
 
 
 def test_embedding_top_k_and_explicit_version(predict_stub, labelled_images):

@@ -8,7 +8,6 @@ the running event loop.
 from __future__ import annotations
 
 import asyncio
-import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -135,26 +134,38 @@ class TritonClient:
         except InferenceServerException as exc:
             raise self.convert(exc, f"inference on {model}/{version}") from None
         codes = result.as_numpy("ERROR_CODE").reshape(-1).tolist()
-        messages = json.loads(result.as_numpy("ERROR_MESSAGE").tobytes())
         return InferOutputs(
             probabilities=result.as_numpy("PROBABILITIES").reshape(len(images), -1),
             embeddings=result.as_numpy("EMBEDDING").reshape(len(images), -1) if want_embedding else None,
             error_codes=codes,
-            error_messages=[str(m) if c else "" for c, m in zip(codes, messages, strict=True)],
+            error_messages=messages_of(result.as_numpy("ERROR_MESSAGE").reshape(len(images), -1), codes),
         )
 
 
 def image_inputs(images: list[bytes]) -> list[triton_grpc.InferInput]:
-    """One request's images as Triton inputs: ``IMAGES``, the encoded files end to end as one flat UINT8
-    tensor ``[1, total bytes]``, and ``SIZES``, each file's length ``[1, n]``.
+    """One request's images as Triton inputs: ``IMAGES``, the encoded files end to end, zero-padded by
+    fewer than n bytes and laid out as n equal rows ``[n, ceil(total bytes / n)]``, and ``SIZES``, each
+    file's length ``[n, 1]``.
 
-    Not a BYTES tensor: tritonclient and the python backend (de)serialise those with a Python loop per
-    element, and Triton 2.51's python backend cannot read them at all with numpy 2 in its environment.
+    The rows do not follow the files (SIZES cuts them out); they make the request's batch dimension its
+    image count, so Triton's batcher counts images: a full request runs at once, and concurrent ones
+    are spread over the instances instead of merged into one call. Not a BYTES tensor: tritonclient
+    and the python backend (de)serialise those with a Python loop per element, and Triton 2.51's
+    python backend cannot read them at all with numpy 2 in its environment.
     """
-    flat = np.frombuffer(b"".join(images), dtype=np.uint8).reshape(1, -1)
-    sizes = np.array([[len(image) for image in images]], dtype=np.int64)
+    total = sum(len(image) for image in images)
+    width = -(-total // max(1, len(images)))
+    padded = b"".join([*images, bytes(width * len(images) - total)])
+    flat = np.frombuffer(padded, dtype=np.uint8).reshape(len(images), width)
+    sizes = np.array([[len(image)] for image in images], dtype=np.int64)
     data = triton_grpc.InferInput("IMAGES", list(flat.shape), "UINT8")
     data.set_data_from_numpy(flat)
     lengths = triton_grpc.InferInput("SIZES", list(sizes.shape), "INT64")
     lengths.set_data_from_numpy(sizes)
     return [data, lengths]
+
+
+def messages_of(rows: npt.NDArray[Any], codes: list[int]) -> list[str]:
+    """``ERROR_MESSAGE``'s rows (each image's message in UTF-8, zero-padded) as text, "" where the code is 0."""
+    pairs = zip(rows, codes, strict=True)
+    return [bytes(row).rstrip(b"\0").decode(errors="replace") if code else "" for row, code in pairs]

@@ -33,17 +33,17 @@ CONFIG_TEMPLATE = """# Written by Prelabel (prelabel.triton.repository); edits a
 name: "{name}"
 backend: "python"
 max_batch_size: {max_batch_size}
-# One request carries n images: IMAGES holds the encoded files end to end, SIZES each one's length.
-# Triton's batcher merges up to max_batch_size requests; the model runs at most max_batch_size images
-# per forward pass. ERROR_MESSAGE is a JSON list of one message per image ("" where none), as UTF-8.
+# A request of n images has batch size n. IMAGES: the encoded files end to end, zero-padded (fewer
+# than n bytes) into n equal rows that do not follow the files; SIZES: each file's length. So the
+# batcher counts images. ERROR_MESSAGE: each image's message in UTF-8, zero-padded ("" where none).
 input [
   {{ name: "IMAGES", data_type: TYPE_UINT8, dims: [ -1 ], allow_ragged_batch: true }},
-  {{ name: "SIZES", data_type: TYPE_INT64, dims: [ -1 ], allow_ragged_batch: true }}
+  {{ name: "SIZES", data_type: TYPE_INT64, dims: [ 1 ] }}
 ]
 output [
-  {{ name: "PROBABILITIES", data_type: TYPE_FP32, dims: [ -1, -1 ] }},
-  {{ name: "EMBEDDING", data_type: TYPE_FP32, dims: [ -1, -1 ] }},
-  {{ name: "ERROR_CODE", data_type: TYPE_INT32, dims: [ -1 ] }},
+  {{ name: "PROBABILITIES", data_type: TYPE_FP32, dims: [ -1 ] }},
+  {{ name: "EMBEDDING", data_type: TYPE_FP32, dims: [ -1 ] }},
+  {{ name: "ERROR_CODE", data_type: TYPE_INT32, dims: [ 1 ] }},
   {{ name: "ERROR_MESSAGE", data_type: TYPE_UINT8, dims: [ -1 ] }}
 ]
 version_policy: {{ all {{ }} }}

@@ -1,15 +1,17 @@
 """Prelabel's one Triton python-backend model, following Triton's ``add_sub`` example.
 
-A request carries its images as ``IMAGES`` (the encoded files end to end, one flat UINT8 tensor) and
-``SIZES`` (each file's length), and there is no BYTES tensor: Triton 2.51's python backend reads numpy
+A request of n images has batch size n: ``IMAGES`` holds the encoded files end to end, zero-padded
+into n equal rows (UINT8, the rows do not follow the files) and ``SIZES`` each file's length, so
+Triton's batcher counts images, as it did when each image was a row of a BYTES tensor. There is no
+BYTES tensor any more: Triton 2.51's python backend reads numpy
 arrays with numpy 1's memory layout, so with numpy 2 in its environment its numpy glue returns empty
 or garbage tensors (``../shared/GPU.md``), and BYTES tensors cost a Python loop per element on both
 sides. With numpy 2, tensors cross into and out of Triton by DLPack instead.
 
-Triton's dynamic batcher hands ``execute`` several requests at once; their images are run together,
-``max_batch_size`` at a time, and split back, one response per request. An image that cannot be
-decoded gets its gRPC status code in ``ERROR_CODE`` and what is wrong in ``ERROR_MESSAGE`` (a JSON
-list of one string per image, "" for the others, as UTF-8) instead of failing its batch; a request
+Triton's dynamic batcher hands ``execute`` several requests at once, at most ``max_batch_size`` images
+in all; their images are run together and split back, one response per request. An image that cannot
+be decoded gets its gRPC status code in ``ERROR_CODE`` and what is wrong in its row of
+``ERROR_MESSAGE`` (UTF-8, zero-padded; empty for the others) instead of failing its batch; a request
 that is malformed as a whole gets a TritonError. The request parameter ``max_pixels`` bounds each
 image's pixel count.
 """
@@ -67,14 +69,13 @@ class TritonPythonModel:
                 continue
             start, end = span
             wanted = set(request.requested_output_names()) or {"EMBEDDING"}
-            messages = json.dumps(outputs.error_messages[start:end]).encode()
-            tensors = [  # each with the request's batch dimension of 1
-                _output("PROBABILITIES", outputs.probabilities[None, start:end]),
-                _output("ERROR_CODE", outputs.error_codes[None, start:end]),
-                _output("ERROR_MESSAGE", np.frombuffer(messages, dtype=np.uint8)[None]),
+            tensors = [  # one row per image
+                _output("PROBABILITIES", outputs.probabilities[start:end]),
+                _output("ERROR_CODE", outputs.error_codes[start:end, None]),
+                _output("ERROR_MESSAGE", _rows([m.encode() for m in outputs.error_messages[start:end]])),
             ]
             if "EMBEDDING" in wanted:
-                tensors.append(_output("EMBEDDING", outputs.embeddings[None, start:end]))
+                tensors.append(_output("EMBEDDING", outputs.embeddings[start:end]))
             responses.append(pb_utils.InferenceResponse(output_tensors=tensors))
         return responses
 
@@ -90,11 +91,22 @@ def _images(request: Any) -> list[bytes]:
         raise ValueError("inputs IMAGES (the encoded files end to end, UINT8) and SIZES (their lengths) are required")
     flat = _array(data).reshape(-1)
     lengths = _array(sizes).reshape(-1)
-    if (lengths < 0).any() or int(lengths.sum()) != flat.size:
-        raise ValueError(f"SIZES add up to {int(lengths.sum())} bytes but IMAGES holds {flat.size}")
+    total = int(lengths.sum())
+    if (lengths < 0).any() or not 0 <= flat.size - total < max(1, lengths.size):
+        raise ValueError(f"SIZES add up to {total} bytes but IMAGES holds {flat.size} "
+                         f"(the files end to end, padded by fewer than one byte per image)")  # fmt: skip
     view = flat.data
     ends = np.cumsum(lengths).tolist()
     return [view[a:b].tobytes() for a, b in zip([0, *ends[:-1]], ends, strict=True)]
+
+
+def _rows(texts: list[bytes]) -> np.ndarray[Any, Any]:
+    """One zero-padded UINT8 row per text, at least one byte wide."""
+    rows = np.zeros((len(texts), max([1, *map(len, texts)])), dtype=np.uint8)
+    for row, text in zip(rows, texts, strict=True):
+        if text:
+            row[: len(text)] = np.frombuffer(text, dtype=np.uint8)
+    return rows
 
 
 # The backend's own numpy glue where it works (numpy 1: 3-4x cheaper per tensor, measured inside
