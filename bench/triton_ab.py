@@ -1,16 +1,19 @@
 #!/usr/bin/env python3
 """Two commits' Triton model served side by side, every call alternated between them (paired latencies).
 
-    .venv/bin/python bench/triton_ab.py --old dc69ad6            # BYTES wire (before issue 13) vs this tree
+    .venv/bin/python bench/triton_ab.py --old dc69ad6 --new HEAD   # BYTES wire (before issue 13) vs HEAD
+    .venv/bin/python bench/triton_ab.py --old HEAD --new dc69ad6   # the same, started the other way round
 
 Serving the two codes one after the other on this noisy machine measured order effects of 10-25 %;
 here both run at once and each call goes to one then the other (order alternating), so that noise
-hits both alike. The old commit is checked out in a temporary git worktree and served from a small
-environment laid over ``.venv`` (its ``services/`` first on the path, Triton's stub included). The
+hits both alike. Each commit is checked out in a temporary git worktree and served from a small
+environment laid over ``.venv`` (its ``services/`` first on the path, Triton's stub included), the
+two alike, so that only the code differs. The
 client speaks each commit's wire format: BYTES ``IMAGE`` before issue 13, then ``IMAGES`` + ``SIZES``
 as one batch row per request (65ab960..c62fb07), now one batch row per image.
-``--old HEAD`` serves this tree's committed code against itself: the harness's own bias (which
-server started first, the layered environment), to subtract from a real comparison.
+``--old HEAD --new HEAD`` measures the harness's own bias (which server started first); swapping
+``--old`` and ``--new`` cancels it: the true ratio is about the square root of one run's ratio over
+the swapped run's.
 """
 
 from __future__ import annotations
@@ -105,9 +108,8 @@ def wire_of(commit: str) -> Callable[[list[bytes]], list[tg.InferInput]]:
     return image_inputs if '"SIZES", data_type: TYPE_INT64, dims: [ 1 ]' in config else one_row_inputs
 
 
-async def compare(urls: dict[str, str], plan: list[tuple[int, int]], old_wire: Callable[..., Any]) -> None:
+async def compare(urls: dict[str, str], plan: list[tuple[int, int]], make: dict[str, Callable[..., Any]]) -> None:
     clients = {k: tg.InferenceServerClient(u) for k, u in urls.items()}
-    make = {"old": old_wire, "new": image_inputs}
     pool = images(64, 256)
     print("| batch | pairs | paired new/old latency: median (quartiles) | p50 old / new ms |\n|---|---|---|---|")
     breakdown = []
@@ -137,24 +139,27 @@ async def compare(urls: dict[str, str], plan: list[tuple[int, int]], old_wire: C
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--old", default="dc69ad6", help="the commit to compare this tree with")
+    parser.add_argument("--old", default="dc69ad6", help="the commit to compare with")
+    parser.add_argument("--new", default="HEAD", help="the commit compared (commit your changes first)")
     parser.add_argument("--calls", type=int, nargs=3, default=[300, 120, 60], help="pairs at batch 1, 8, 32")
     args = parser.parse_args()
     folder = Path(tempfile.mkdtemp(prefix="prelabel-ab-"))
     try:
-        old_python = environment_at(args.old, folder)
-        old = Stack.serve(folder / "old", python=old_python)
-        new = Stack.serve(folder / "new")
+        old = Stack.serve(folder / "old", python=environment_at(args.old, folder / "old-code"))
+        new = Stack.serve(folder / "new", python=environment_at(args.new, folder / "new-code"))
         try:
             wait_for_health(old.address)
             wait_for_health(new.address)
             plan = list(zip((1, 8, 32), args.calls, strict=True))
-            asyncio.run(compare({"old": old.triton_url, "new": new.triton_url}, plan, wire_of(args.old)))
+            wires = {"old": wire_of(args.old), "new": wire_of(args.new)}
+            asyncio.run(compare({"old": old.triton_url, "new": new.triton_url}, plan, wires))
         finally:
             old.stop()
             new.stop()
     finally:
-        subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(folder / "src")], check=False)
+        for code in ("old-code", "new-code"):
+            subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(folder / code / "src")],
+                           check=False)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -61,8 +61,8 @@ class Runner:
     def run(self, images: list[bytes], max_pixels: list[int] | None = None) -> Outputs:
         """``max_pixels[i]`` bounds image i (0: no limit); the header is checked before decoding.
 
-        Images are decoded and forwarded ``max_batch`` at a time, so memory stays bounded however many
-        requests Triton's batcher merges into one call."""
+        Images are decoded and forwarded ``max_batch`` at a time, so memory stays bounded for any
+        caller (Triton hands at most its ``max_batch_size`` images; benchmarks and tests pass more)."""
         limits = max_pixels or [0] * len(images)
         codes = np.zeros(len(images), dtype=np.int32)
         messages = [""] * len(images)
