@@ -39,16 +39,41 @@ def test_every_architecture_splits_into_body_and_head(arch):
 
 
 def test_stage_pooling_reads_every_stage_of_a_resnet():
-    """The ``stages`` embedding: each stage's global average, the last stage's equal to the plain body's."""
+    """``stages``: each stage's global average; ``texture``: the input's statistics, the first two stages'
+    spreads, then ``stages``. Each pooling's embedding is a suffix of the richer one's."""
     plain = backbones.build("resnet18", 3).eval()
-    pooled = backbones.pooled_by_stage(plain, "resnet", 3)
-    assert pooled is not None and pooled.pooling == "stages" and pooled.embedding_dim == 64 + 128 + 256 + 512
+    stages = backbones.pooled_by_stage(plain, "resnet", 3, pooling="stages")
+    texture = backbones.pooled_by_stage(plain, "resnet", 3)
+    assert stages is not None and stages.pooling == "stages" and stages.embedding_dim == 64 + 128 + 256 + 512
+    assert texture is not None and texture.pooling == "texture"
+    assert texture.embedding_dim == backbones.INPUT_STATISTICS + 64 + 128 + 960 == 1198
     x = torch.randn(2, 3, 64, 64)
     with torch.inference_mode():
-        logits, embedding = pooled(x)
+        logits, embedding = texture(x)
+        torch.testing.assert_close(embedding[:, -960:], stages(x)[1])
         torch.testing.assert_close(embedding[:, -512:], plain(x)[1])
+        body = plain.body
+        layer1 = body.layer1(body.maxpool(body.relu(body.bn1(body.conv1(x)))))
+        torch.testing.assert_close(embedding[:, backbones.INPUT_STATISTICS : backbones.INPUT_STATISTICS + 64],
+                                   layer1.std((2, 3)))  # fmt: skip
     assert logits.shape == (2, 3)
     assert backbones.build("resnet50", 3, pooling="stages").embedding_dim == 256 + 512 + 1024 + 2048
+    assert backbones.build("resnet50", 3, pooling="texture").embedding_dim == 46 + 256 + 512 + 3840
+
+
+def test_input_statistics_are_channel_moments_and_histograms_of_the_normalised_image():
+    x = torch.zeros(1, 3, 4, 4)
+    x[0, 0] = -3.0  # below the range: the first bin
+    x[0, 1, :2] = 1.0  # half the pixels in bin 5 of 8 ([0.625, 1.25)), half in bin 4 ([0, 0.625))
+    x[0, 2] = 2.5  # the top edge: the last bin
+    stats = backbones.input_statistics(x)
+    assert stats.shape == (1, backbones.INPUT_STATISTICS)
+    torch.testing.assert_close(stats[0, :3], torch.tensor([-3.0, 0.5, 2.5]))
+    colour = stats[0, 6 : 6 + 24].view(3, 8)
+    torch.testing.assert_close(colour.sum(1), torch.ones(3))
+    assert colour[0, 0] == 1 and colour[1, 4] == colour[1, 5] == 0.5 and colour[2, 7] == 1
+    grey = stats[0, 30:]  # the channels' mean: -1/6 or 1/6 for half the pixels each, bins 7 and 8 of 16
+    assert grey.sum() == 1 and grey[7] == grey[8] == 0.5
     assert backbones.pooled_by_stage(backbones.build("mobilenet_v3_small", 3), "mobilenet", 3) is None
     with pytest.raises(InvalidArgument, match="needs a ResNet"):
         backbones.build("mobilenet_v3_small", 3, pooling="stages")

@@ -205,8 +205,8 @@ def test_each_strategy_trains(base, strategy_name):
         assert any("fold 2 of 3" in p.message and "loss" in p.message for p in seen)
         assert any("on every example" in p.stage for p in seen)
     if strategy_name == engine.FEATURE_EXTRACTION:  # a head on every stage of the frozen ResNet
-        assert result.model.pooling == "stages" and result.model.embedding_dim == 960
-        assert result.reference is not None and result.reference["mean"].shape == (960,)
+        assert result.model.pooling == "texture" and result.model.embedding_dim == 1198
+        assert result.reference is not None and result.reference["mean"].shape == (1198,)
         assert all(
             torch.equal(a, b) for a, b in zip(result.model.body.parameters(), base.model.body.parameters(), strict=True)
         )
@@ -272,7 +272,7 @@ def test_fine_tuned_model_beats_the_base_on_a_shifted_domain(base, repository):
     test_images, test_labels = shapes.sample(200, 64, 32)
     blobs = [png(shifted(im)) for im in test_images]
     tuned = Runner(repository.version_dir("shifted", version))
-    assert tuned.card.pooling == "stages" and tuned.run(blobs[:2]).embeddings.shape == (2, 960)
+    assert tuned.card.pooling == "texture" and tuned.run(blobs[:2]).embeddings.shape == (2, 1198)
     predicted = [tuned.card.labels[i] for i in tuned.run(blobs).probabilities.argmax(1)]
     accuracy = np.mean([p == classes[t] for p, t in zip(predicted, test_labels, strict=True)])
     assert accuracy > 0.5, accuracy  # ten classes: chance is 0.1
@@ -337,7 +337,7 @@ def test_similarity_fast_path_equals_the_frechet_formula():
 
 
 def test_one_pass_gives_the_base_its_logits_and_feature_extraction_its_features(base):
-    """The stage features end with the last stage's average: the base's own embedding, so one pass serves both."""
+    """The texture features end with the last stage's average: the base's own embedding, so one pass serves both."""
     examples = novel(6, 2, base)
     normalize = backbones.Normalizer(base.preprocess, torch.device("cpu"))
     fe_model = backbones.pooled_by_stage(base.model, base.family, len(examples.classes))

@@ -66,17 +66,28 @@ def architecture(name: str) -> Architecture:
         ) from None
 
 
-POOLINGS = ("last", "stages")
+POOLINGS = ("last", "stages", "texture")
+HISTOGRAM_RANGE = 2.5  # normalised inputs are binned over [-2.5, 2.5]: any mean/std normalisation maps pixels there
+COLOUR_BINS, GREY_BINS = 8, 16
+SPREAD_STAGES = 2  # the first stages' spreads are texture; later stages' are class-specific
 
 
 class Classifier(nn.Module):
     """A backbone whose forward pass returns ``(logits, embedding)``.
 
-    ``pooling`` says what the embedding is: ``last``, the body's own output (the penultimate
-    features); ``stages`` (ResNets), the global average of every stage's output, concatenated. The
-    early stages' statistics (edges, colours, textures) transfer to images unlike the pre-training
-    data where the last stage's class-specific features do not: on the real-photo tasks of
-    ``bench/label_efficiency.py`` a linear head on them is 4-7 points more accurate (docs/training.md).
+    ``pooling`` says what the embedding is (ResNets for all but ``last``); each is a suffix of the next:
+
+    - ``last``: the body's own output (the penultimate features);
+    - ``stages``: the global average of every stage's output, concatenated (the last stage's is ``last``);
+    - ``texture``: the input's statistics (per-channel mean and spread, an 8-bin histogram per channel
+      and a 16-bin grey-level histogram of the normalised input), the spread of the first two stages'
+      outputs, then ``stages``.
+
+    The early stages' statistics (edges, colours, textures) transfer to images unlike the pre-training
+    data where the last stage's class-specific features do not, and colour and texture statistics are
+    what a base pre-trained on generated images knows least: on the tuning tasks of
+    ``bench/label_efficiency.py`` a linear head on ``texture`` is 4-10 points more accurate on photos
+    than on ``stages`` (docs/training.md).
     """
 
     def __init__(self, body: nn.Module, head: nn.Linear, pooling: str = "last") -> None:
@@ -94,15 +105,34 @@ class Classifier(nn.Module):
             return self.body(images)  # type: ignore[no-any-return]
         body: Any = self.body
         x = body.maxpool(body.relu(body.bn1(body.conv1(images))))
-        pooled = []
-        for layer in (body.layer1, body.layer2, body.layer3, body.layer4):
+        means, spreads = [], []
+        for i, layer in enumerate((body.layer1, body.layer2, body.layer3, body.layer4)):
             x = layer(x)
-            pooled.append(x.mean((2, 3)))
-        return torch.cat(pooled, 1)
+            means.append(x.mean((2, 3)))
+            if i < SPREAD_STAGES:
+                spreads.append(x.std((2, 3)))
+        if self.pooling == "stages":
+            return torch.cat(means, 1)
+        return torch.cat([input_statistics(images), *spreads, *means], 1)
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         embedding = self.embed(images)
         return self.head(embedding), embedding
+
+
+INPUT_STATISTICS = 6 + 3 * COLOUR_BINS + GREY_BINS
+
+
+def input_statistics(images: torch.Tensor) -> torch.Tensor:
+    """Per-channel mean and spread and colour and grey-level histograms of normalised ``[N, 3, H, W]`` images."""
+
+    def histogram(values: torch.Tensor, bins: int) -> torch.Tensor:  # over the last two dimensions
+        scaled = (values + HISTOGRAM_RANGE) * (bins / (2 * HISTOGRAM_RANGE))
+        index = scaled.floor().clamp(0, bins - 1)
+        return torch.stack([(index == b).float().mean((-2, -1)) for b in range(bins)], -1).flatten(1)
+
+    return torch.cat([images.mean((2, 3)), images.std((2, 3)), histogram(images, COLOUR_BINS),
+                      histogram(images.mean(1), GREY_BINS)], 1)  # fmt: skip
 
 
 def _checked(pooling: str) -> str:
@@ -111,20 +141,27 @@ def _checked(pooling: str) -> str:
     return pooling
 
 
-def stage_channels(body: nn.Module) -> int:
-    """The width of a ResNet's ``stages`` embedding: the output channels of its four stages."""
+def _stage_widths(body: nn.Module) -> list[int]:
     widths = []
     for layer in (getattr(body, f"layer{i}") for i in range(1, 5)):
         norms = [m for m in layer.modules() if isinstance(m, nn.BatchNorm2d)]
         widths.append(norms[-1].num_features)
-    return sum(widths)
+    return widths
 
 
-def pooled_by_stage(model: Classifier, family: str, classes: int) -> Classifier | None:
+def embedding_width(body: nn.Module, pooling: str) -> int:
+    """The width of a ResNet's ``stages`` or ``texture`` embedding."""
+    widths = _stage_widths(body)
+    if pooling == "stages":
+        return sum(widths)
+    return INPUT_STATISTICS + sum(widths[:SPREAD_STAGES]) + sum(widths)
+
+
+def pooled_by_stage(model: Classifier, family: str, classes: int, pooling: str = "texture") -> Classifier | None:
     """A classifier sharing ``model``'s body that reads every stage (a new, untrained head); None if not a ResNet."""
     if family != "resnet":
         return None
-    return Classifier(model.body, nn.Linear(stage_channels(model.body), classes), pooling="stages")
+    return Classifier(model.body, nn.Linear(embedding_width(model.body, pooling), classes), pooling=pooling)
 
 
 def _split(model: Any, family: str) -> Classifier:
@@ -151,7 +188,7 @@ def build(arch_name: str, num_classes: int, image_size: int | None = None, pooli
     classifier = _split(model, arch.family)
     if _checked(pooling) == "last":
         return classifier
-    pooled = pooled_by_stage(classifier, arch.family, num_classes)
+    pooled = pooled_by_stage(classifier, arch.family, num_classes, pooling)
     if pooled is None:
         raise InvalidArgument(f"pooling {pooling!r} needs a ResNet; {arch_name} is a {arch.family}")
     return pooled

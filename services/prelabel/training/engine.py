@@ -152,8 +152,9 @@ class Checkpoint:
 
 
 # Wider embeddings (a ResNet-50's stages: 3,840) would need a covariance of tens of MB per version; a
-# version without reference statistics is measured by its own classifier's confidence instead.
-MAX_REFERENCE_DIM = 1024
+# version without reference statistics is measured by its own classifier's confidence instead. A
+# ResNet-18's texture embedding (1,198 wide) keeps one: 2.9 MB in float16.
+MAX_REFERENCE_DIM = 1280
 
 
 @dataclass
@@ -370,13 +371,14 @@ def _base_pass(model: backbones.Classifier, fe_model: backbones.Classifier, pixe
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     """``(base logits, base embeddings, feature-extraction features)`` from one pass over the images.
 
-    The stage features end with the last stage's global average, which *is* a ResNet's own
-    embedding: the base's logits come from its head on those columns, not from a second pass."""
+    Each pooling's embedding is a suffix of the richer ones (models/backbones.py), so the base's own
+    embedding is the last columns of the features: its logits come from its head on those, not from a
+    second pass."""
     if fe_model is model:
         logits, embeddings = loop.predict(model, pixels, normalize, check=check)
         return logits, embeddings, embeddings
     features = loop.predict(fe_model, pixels, normalize, check=check)[1]
-    embeddings = features if model.pooling == "stages" else features[:, -model.embedding_dim :]
+    embeddings = features[:, -model.embedding_dim :]
     with torch.no_grad():
         logits = model.head(embeddings.to(next(model.head.parameters()).device)).cpu()
     return logits, embeddings, features
