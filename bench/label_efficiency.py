@@ -2,6 +2,7 @@
 """Label efficiency on real photos and generated tasks: every strategy, AUTO and two plain baselines.
 
     .venv/bin/python bench/label_efficiency.py [--per-class 20] [--tasks china-grey ... hopper-colour]
+        [--seeds 0 1 2] [--strategies FE AUTO] [--no-textbook]
 
 Tasks (``prelabel.datasets.photos`` for the photos):
 
@@ -165,47 +166,83 @@ def evaluate(result: engine.TrainResult, test: data.Examples) -> tuple[float, fl
     return float(correct.float().mean()), precision, n / len(test), n
 
 
+def row(base: engine.Base, name: str, per_class: int, seed: int, strategies: list[str], textbook: bool,
+        ) -> tuple[dict[str, float], list[str]]:  # fmt: skip
+    """One task, labels per class and seed: (accuracy % by column, the table's cells)."""
+    pool, pool_labels, test_images, test_labels, size = task(name, per_class + 10, seed)
+    test = data.from_images(test_images, test_labels, base.preprocess)
+    index = subset(pool_labels, per_class, seed)
+    examples = data.from_images([pool[i] for i in index], [pool_labels[i] for i in index], base.preprocess)
+    chosen_images, chosen_labels = [pool[i] for i in index], [pool_labels[i] for i in index]
+    accuracy = dict.fromkeys(["hand+LR", "ResNet-18", *FIXED, engine.AUTO], math.nan)
+    accuracy["hand+LR"] = baseline_handmade(chosen_images, chosen_labels, test_images, test_labels) * 100
+    if textbook:
+        accuracy["ResNet-18"] = baseline_resnet18(chosen_images, chosen_labels, test_images, test_labels, size,
+                                                  seed) * 100  # fmt: skip
+    auto = ["-"] * 5
+    for strategy in strategies:
+        started = time.perf_counter()
+        result = engine.train(base, examples, engine.TrainConfig(strategy=strategy, seed=seed))
+        seconds = time.perf_counter() - started
+        acc, precision, coverage, accepted = evaluate(result, test)
+        accuracy[strategy] = acc * 100
+        if strategy == engine.AUTO:
+            best = max(accuracy[s] for s in FIXED)
+            realised = f"{precision:.3f} ({coverage:.0%})" if accepted else "off: " + result.summary.split("; ")[-1]
+            auto = [SHORT[result.decision.chosen], f"{acc * 100 - best:+.1f}", f"{result.decision.similarity:.2f}",
+                    realised, f"{seconds:.0f}"]  # fmt: skip
+    cells = ["-" if math.isnan(accuracy[c]) else f"{accuracy[c]:.1f}" for c in ["hand+LR", "ResNet-18", *FIXED,
+                                                                                engine.AUTO]] + auto  # fmt: skip
+    return accuracy, cells
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--per-class", type=int, nargs="+", default=[20])
     parser.add_argument("--tasks", nargs="+", default=TASKS, choices=TASKS)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        default=[0],
+        help="a labelled subset, test set and training seed each; several add a table of means",
+    )
     parser.add_argument("--no-textbook", action="store_true", help="skip the ResNet-18 baseline (slow)")
-    parser.add_argument("--only-auto", action="store_true",
-                        help="AUTO alone (after a change to its rule: the fixed strategies do not depend on it)")
+    parser.add_argument(
+        "--strategies",
+        nargs="+",
+        default=list(SHORT.values()),
+        choices=list(SHORT.values()),
+        help="a subset (for example FE alone over many seeds, or AUTO after a change to its rule)",
+    )
     args = parser.parse_args()
+    strategies = [s for s, short in SHORT.items() if short in args.strategies]
+    textbook = not args.no_textbook
     repo = ModelRepository(Path(tempfile.mkdtemp(prefix="prelabel-bench-")) / "models")
     ensure_default_model(repo, "prelabel-base", "builtin")
     base = engine.load_base(repo, "prelabel-base")
-    columns = ["hand+LR", "ResNet-18", *[SHORT[s] for s in FIXED], "AUTO", "AUTO chose", "AUTO - best",
-               "similarity", "auto-accept precision (coverage)", "AUTO s"]  # fmt: skip
-    print("| task | role | labels/class | " + " | ".join(columns) + " |")
-    print("|" + "---|" * (len(columns) + 3), flush=True)
+    accuracies = ["hand+LR", "ResNet-18", *[SHORT[s] for s in FIXED], "AUTO"]
+    columns = [*accuracies, "AUTO chose", "AUTO - best", "similarity", "auto-accept precision (coverage)", "AUTO s"]
+    print("| task | role | labels/class | seed | " + " | ".join(columns) + " |")
+    print("|" + "---|" * (len(columns) + 4), flush=True)
+    runs: dict[tuple[str, int], list[dict[str, float]]] = {}
     for name in args.tasks:
-        pool, pool_labels, test_images, test_labels, size = task(name, max(args.per_class) + 10, args.seed)
-        test = data.from_images(test_images, test_labels, base.preprocess)
-        everything = data.from_images(pool, pool_labels, base.preprocess)
         for per_class in args.per_class:
-            index = subset(pool_labels, per_class, args.seed)
-            examples = everything.subset(torch.tensor(index))
-            chosen_images, chosen_labels = [pool[i] for i in index], [pool_labels[i] for i in index]
-            hand = baseline_handmade(chosen_images, chosen_labels, test_images, test_labels) * 100
-            textbook = math.nan if args.no_textbook or args.only_auto else baseline_resnet18(
-                chosen_images, chosen_labels, test_images, test_labels, size, args.seed) * 100  # fmt: skip
-            accuracy: dict[str, float] = dict.fromkeys(FIXED, math.nan)
-            for strategy in [engine.AUTO] if args.only_auto else [*FIXED, engine.AUTO]:
-                started = time.perf_counter()
-                result = engine.train(base, examples, engine.TrainConfig(strategy=strategy, seed=args.seed))
-                seconds = time.perf_counter() - started  # the last, AUTO's, is reported
-                acc, precision, coverage, accepted = evaluate(result, test)
-                accuracy[strategy] = acc * 100
-            best = max(accuracy[s] for s in FIXED)
-            realised = f"{precision:.3f} ({coverage:.0%})" if accepted else "off: " + result.summary.split("; ")[-1]
-            cells = [f"{hand:.1f}", f"{textbook:.1f}", *[f"{accuracy[s]:.1f}" for s in FIXED],
-                     f"{accuracy[engine.AUTO]:.1f}", SHORT[result.decision.chosen],
-                     f"{accuracy[engine.AUTO] - best:+.1f}", f"{result.decision.similarity:.2f}", realised,
-                     f"{seconds:.0f}"]  # fmt: skip
-            print(f"| {name} | {role(name)} | {per_class} | " + " | ".join(cells) + " |", flush=True)
+            for seed in args.seeds:
+                accuracy, cells = row(base, name, per_class, seed, strategies, textbook)
+                runs.setdefault((name, per_class), []).append(accuracy)
+                print(f"| {name} | {role(name)} | {per_class} | {seed} | " + " | ".join(cells) + " |", flush=True)
+    if len(args.seeds) > 1:
+        print(f"\nMean over seeds {' '.join(map(str, args.seeds))} (± standard error over seeds):\n")
+        print("| task | role | labels/class | " + " | ".join(accuracies) + " |")
+        print("|" + "---|" * (len(accuracies) + 3))
+        for (name, per_class), rows in runs.items():
+            cells = []
+            for column in ["hand+LR", "ResNet-18", *FIXED, engine.AUTO]:
+                values = np.array([r[column] for r in rows])
+                se = values.std(ddof=1) / math.sqrt(len(values))
+                cells.append("-" if np.isnan(values).any() else f"{values.mean():.1f} ± {se:.1f}")
+            print(f"| {name} | {role(name)} | {per_class} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":
