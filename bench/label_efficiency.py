@@ -187,7 +187,7 @@ def row(base: engine.Base, name: str, per_class: int, seed: int, strategies: lis
         acc, precision, coverage, accepted = evaluate(result, test)
         accuracy[strategy] = acc * 100
         if strategy == engine.AUTO:
-            best = max(accuracy[s] for s in FIXED)
+            best = max((accuracy[s] for s in FIXED if not math.isnan(accuracy[s])), default=math.nan)  # those run
             realised = f"{precision:.3f} ({coverage:.0%})" if accepted else "off: " + result.summary.split("; ")[-1]
             auto = [SHORT[result.decision.chosen], f"{acc * 100 - best:+.1f}", f"{result.decision.similarity:.2f}",
                     realised, f"{seconds:.0f}"]  # fmt: skip
