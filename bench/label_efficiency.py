@@ -54,6 +54,7 @@ SHORT = {engine.FEATURE_EXTRACTION: "FE", engine.FREEZE_FIRST_K: "freeze-k", eng
          engine.FROM_SCRATCH: "scratch", engine.AUTO: "AUTO"}  # fmt: skip
 TASKS = ["novel-shapes", "digits", *photos.TASKS]
 TEST_PER_CLASS = 25
+COLUMNS = ["hand+LR", "ResNet-18", *FIXED, engine.AUTO]  # the accuracy columns: two baselines, then strategies
 
 
 def role(name: str) -> str:
@@ -172,9 +173,9 @@ def row(base: engine.Base, name: str, per_class: int, seed: int, strategies: lis
     pool, pool_labels, test_images, test_labels, size = task(name, per_class + 10, seed)
     test = data.from_images(test_images, test_labels, base.preprocess)
     index = subset(pool_labels, per_class, seed)
-    examples = data.from_images([pool[i] for i in index], [pool_labels[i] for i in index], base.preprocess)
     chosen_images, chosen_labels = [pool[i] for i in index], [pool_labels[i] for i in index]
-    accuracy = dict.fromkeys(["hand+LR", "ResNet-18", *FIXED, engine.AUTO], math.nan)
+    examples = data.from_images(chosen_images, chosen_labels, base.preprocess)
+    accuracy = dict.fromkeys(COLUMNS, math.nan)
     accuracy["hand+LR"] = baseline_handmade(chosen_images, chosen_labels, test_images, test_labels) * 100
     if textbook:
         accuracy["ResNet-18"] = baseline_resnet18(chosen_images, chosen_labels, test_images, test_labels, size,
@@ -191,8 +192,7 @@ def row(base: engine.Base, name: str, per_class: int, seed: int, strategies: lis
             realised = f"{precision:.3f} ({coverage:.0%})" if accepted else "off: " + result.summary.split("; ")[-1]
             auto = [SHORT[result.decision.chosen], f"{acc * 100 - best:+.1f}", f"{result.decision.similarity:.2f}",
                     realised, f"{seconds:.0f}"]  # fmt: skip
-    cells = ["-" if math.isnan(accuracy[c]) else f"{accuracy[c]:.1f}" for c in ["hand+LR", "ResNet-18", *FIXED,
-                                                                                engine.AUTO]] + auto  # fmt: skip
+    cells = ["-" if math.isnan(accuracy[c]) else f"{accuracy[c]:.1f}" for c in COLUMNS] + auto
     return accuracy, cells
 
 
@@ -221,7 +221,7 @@ def main() -> None:
     repo = ModelRepository(Path(tempfile.mkdtemp(prefix="prelabel-bench-")) / "models")
     ensure_default_model(repo, "prelabel-base", "builtin")
     base = engine.load_base(repo, "prelabel-base")
-    accuracies = ["hand+LR", "ResNet-18", *[SHORT[s] for s in FIXED], "AUTO"]
+    accuracies = [SHORT.get(c, c) for c in COLUMNS]
     columns = [*accuracies, "AUTO chose", "AUTO - best", "similarity", "auto-accept precision (coverage)", "AUTO s"]
     print("| task | role | labels/class | seed | " + " | ".join(columns) + " |")
     print("|" + "---|" * (len(columns) + 4), flush=True)
@@ -238,7 +238,7 @@ def main() -> None:
         print("|" + "---|" * (len(accuracies) + 3))
         for (name, per_class), rows in runs.items():
             cells = []
-            for column in ["hand+LR", "ResNet-18", *FIXED, engine.AUTO]:
+            for column in COLUMNS:
                 values = np.array([r[column] for r in rows])
                 se = values.std(ddof=1) / math.sqrt(len(values))
                 cells.append("-" if np.isnan(values).any() else f"{values.mean():.1f} ± {se:.1f}")

@@ -59,6 +59,11 @@ def test_stage_pooling_reads_every_stage_of_a_resnet():
     assert logits.shape == (2, 3)
     assert backbones.build("resnet50", 3, pooling="stages").embedding_dim == 256 + 512 + 1024 + 2048
     assert backbones.build("resnet50", 3, pooling="texture").embedding_dim == 46 + 256 + 512 + 3840
+    assert backbones.pooled_by_stage(backbones.build("mobilenet_v3_small", 3), "mobilenet", 3) is None
+    with pytest.raises(InvalidArgument, match="needs a ResNet"):
+        backbones.build("mobilenet_v3_small", 3, pooling="stages")
+    with pytest.raises(InvalidArgument, match="unknown pooling"):
+        backbones.build("resnet18", 3, pooling="max")
 
 
 def test_input_statistics_are_channel_moments_and_histograms_of_the_normalised_image():
@@ -74,11 +79,6 @@ def test_input_statistics_are_channel_moments_and_histograms_of_the_normalised_i
     assert colour[0, 0] == 1 and colour[1, 4] == colour[1, 5] == 0.5 and colour[2, 7] == 1
     grey = stats[0, 30:]  # the channels' mean: -1/6 or 1/6 for half the pixels each, bins 7 and 8 of 16
     assert grey.sum() == 1 and grey[7] == grey[8] == 0.5
-    assert backbones.pooled_by_stage(backbones.build("mobilenet_v3_small", 3), "mobilenet", 3) is None
-    with pytest.raises(InvalidArgument, match="needs a ResNet"):
-        backbones.build("mobilenet_v3_small", 3, pooling="stages")
-    with pytest.raises(InvalidArgument, match="unknown pooling"):
-        backbones.build("resnet18", 3, pooling="max")
 
 
 def test_unknown_architecture():

@@ -70,6 +70,7 @@ POOLINGS = ("last", "stages", "texture")
 HISTOGRAM_RANGE = 2.5  # normalised inputs are binned over [-2.5, 2.5]: any mean/std normalisation maps pixels there
 COLOUR_BINS, GREY_BINS = 8, 16
 SPREAD_STAGES = 2  # the first stages' spreads are texture; later stages' are class-specific
+INPUT_STATISTICS = 6 + 3 * COLOUR_BINS + GREY_BINS  # channel means and spreads, then the histograms
 
 
 class Classifier(nn.Module):
@@ -109,7 +110,7 @@ class Classifier(nn.Module):
         for i, layer in enumerate((body.layer1, body.layer2, body.layer3, body.layer4)):
             x = layer(x)
             means.append(x.mean((2, 3)))
-            if i < SPREAD_STAGES:
+            if self.pooling == "texture" and i < SPREAD_STAGES:
                 spreads.append(x.std((2, 3)))
         if self.pooling == "stages":
             return torch.cat(means, 1)
@@ -118,9 +119,6 @@ class Classifier(nn.Module):
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         embedding = self.embed(images)
         return self.head(embedding), embedding
-
-
-INPUT_STATISTICS = 6 + 3 * COLOUR_BINS + GREY_BINS
 
 
 def input_statistics(images: torch.Tensor) -> torch.Tensor:
