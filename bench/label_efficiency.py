@@ -12,6 +12,7 @@ Tasks (``prelabel.datasets.photos`` for the photos):
 | digits          | scikit-learn's 8x8 handwritten digits                    | tuning   |
 | china-grey      | which of 8 regions of china.jpg a crop is from (grey)    | tuning   |
 | flower-china    | which of 4 regions of flower.jpg or china.jpg (colour)   | tuning   |
+| flower-colour   | which of 8 regions of flower.jpg (colour)                | tuning   |
 | hopper-grey     | which of 8 regions of grace_hopper.jpg (grey)            | held out |
 | hopper-colour   | the same in colour                                       | held out |
 

@@ -254,9 +254,28 @@ def test_feature_extraction_head_chooses_its_penalty_out_of_fold():
     rng = np.random.default_rng(0)
     y = torch.arange(90) % 3
     x = torch.tensor(rng.normal(size=(90, 16)), dtype=torch.float32) + torch.nn.functional.one_hot(y, 16) * 2.5
-    oof, penalty = head.crossfit(x, y, data.folds(y, 3, 0), 3, seed=0)
-    assert oof.shape == (90, 3) and penalty in head.PENALTIES
+    oof, setting = head.crossfit(x, y, data.folds(y, 3, 0), 3, seed=0)
+    assert oof.shape == (90, 3) and setting.penalty in head.PENALTIES and setting.emphasis == 1.0
     assert float((oof.argmax(1) == y).float().mean()) > 0.7
+
+
+def test_feature_extraction_head_emphasises_a_few_informative_leading_columns():
+    """The signal in 6 leading columns (like the input's colour statistics), 300 noisy ones after them
+    (like a backbone's features on unfamiliar images): the out-of-fold loss picks a larger emphasis,
+    which predicts better than one penalty for all."""
+    rng = np.random.default_rng(1)
+    y = torch.arange(120) % 4
+    signal = torch.nn.functional.one_hot(y, 6).float() * 1.2 + torch.tensor(rng.normal(size=(120, 6)))
+    x = torch.cat([signal, torch.tensor(rng.normal(size=(120, 300)))], 1).float() * 3 + 1
+    folds = data.folds(y, 3, 0)
+    plain, plain_setting = head.crossfit(x, y, folds, 4, seed=0)
+    emphasised, setting = head.crossfit(x, y, folds, 4, seed=0, leading=6)
+    assert plain_setting.emphasis == 1.0 and setting.emphasis > 1.0 and setting.leading == 6
+    accuracy = {name: float((oof.argmax(1) == y).float().mean()) for name, oof in
+                (("plain", plain), ("emphasised", emphasised))}  # fmt: skip
+    assert accuracy["emphasised"] > accuracy["plain"] + 0.05, accuracy
+    fitted = head.fit(x, y, 4, setting, seed=0)  # folded onto the raw columns: predicts the data it fitted
+    assert float((fitted(x).argmax(1) == y).float().mean()) > accuracy["emphasised"]
 
 
 def test_fine_tuned_model_beats_the_base_on_a_shifted_domain(base, repository):

@@ -14,6 +14,7 @@ used: they are reserved for independent evaluation of the project.
 |----------------------|------------------------|---------|----------------------------------|
 | ``china-grey``       | china                  | 8       | tuning                           |
 | ``flower-china``     | flower, china (colour) | 8       | tuning                           |
+| ``flower-colour``    | flower (colour)        | 8       | tuning                           |
 | ``hopper-grey``      | grace_hopper           | 8       | held out: only reported          |
 | ``hopper-colour``    | grace_hopper           | 8       | held out: only reported          |
 """
@@ -85,6 +86,7 @@ TASKS = {
     for t in (
         Task("china-grey", ("china.jpg",), 2, 4, grey=True, held_out=False),
         Task("flower-china", ("flower.jpg", "china.jpg"), 2, 2, grey=False, held_out=False),
+        Task("flower-colour", ("flower.jpg",), 2, 4, grey=False, held_out=False),
         Task("hopper-grey", ("grace_hopper.jpg",), 2, 4, grey=True, held_out=True),
         Task("hopper-colour", ("grace_hopper.jpg",), 2, 4, grey=False, held_out=True),
     )

@@ -101,6 +101,11 @@ class Classifier(nn.Module):
     def embedding_dim(self) -> int:
         return int(self.head.in_features)
 
+    @property
+    def statistics_dim(self) -> int:
+        """How many leading columns of the embedding are the input's own statistics (``texture``), not the body's."""
+        return INPUT_STATISTICS if self.pooling == "texture" else 0
+
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         if self.pooling == "last":
             return self.body(images)  # type: ignore[no-any-return]

@@ -293,10 +293,11 @@ def train(
     recipe = loop.recipe(deep, n - n // len(folds), config.epochs, config.learning_rate) if deep else None
     job.planned = (recipe.steps * (len(folds) + 1) if recipe else 0) + 1
     oof: dict[str, torch.Tensor] = {}
-    fe_penalty = head.PENALTIES[1]
+    fe_setting = head.Setting(leading=fe_model.statistics_dim)
     if with_fe:
         job.check()
-        fe_oof, fe_penalty = head.crossfit(features, examples.labels, folds, n_classes, config.seed)
+        fe_oof, fe_setting = head.crossfit(features, examples.labels, folds, n_classes, config.seed,
+                                           fe_model.statistics_dim)  # fmt: skip
         oof[FEATURE_EXTRACTION] = fe_oof
         job.report(NAMES[FEATURE_EXTRACTION], 1, 1, accuracy=_accuracy(fe_oof, examples.labels))
     best_step = 0
@@ -312,7 +313,7 @@ def train(
     chosen = decision.chosen
     if chosen == FEATURE_EXTRACTION:
         model = copy.deepcopy(fe_model).cpu()
-        model.head = head.fit(features, examples.labels, n_classes, fe_penalty, config.seed)
+        model.head = head.fit(features, examples.labels, n_classes, fe_setting, config.seed)
         arch, steps_run = base.arch, 0
         final_embeddings = features
     else:
@@ -345,6 +346,8 @@ def train(
         "auto_accept_precision": threshold.precision,
         "auto_accept_precision_bound": threshold.bound,
     }
+    if chosen == FEATURE_EXTRACTION:  # the head's setting, chosen out of fold (training/head.py)
+        metrics["head_penalty"], metrics["head_emphasis"] = fe_setting.penalty, fe_setting.emphasis
     if threshold.value is None:
         needed = calibration.labels_needed(confidence, correct, config.target_precision, 1 - config.confidence)
         metrics["auto_accept_labels_needed"] = float(needed) if needed else math.nan
