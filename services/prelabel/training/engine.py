@@ -293,7 +293,7 @@ def train(
     recipe = loop.recipe(deep, n - n // len(folds), config.epochs, config.learning_rate) if deep else None
     job.planned = (recipe.steps * (len(folds) + 1) if recipe else 0) + 1
     oof: dict[str, torch.Tensor] = {}
-    fe_setting = head.Setting(leading=fe_model.statistics_dim)
+    fe_setting = head.Setting()  # chosen below whenever feature extraction can be published
     if with_fe:
         job.check()
         fe_oof, fe_setting = head.crossfit(features, examples.labels, folds, n_classes, config.seed,
