@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import itertools
 import math
 import shutil
 
@@ -109,6 +110,11 @@ def test_recipe_is_a_budget_of_steps_with_warm_up_and_decay():
     assert 0 < peak <= r.steps * r.warmup and rates[0] < rates[peak] == pytest.approx(1.0)
     assert all(a >= b for a, b in zip(rates[peak:], rates[peak + 1 :], strict=False)) and rates[-1] < 0.01
     assert len(r.eval_steps) == loop.EVALS and r.eval_steps[-1] == r.steps
+    # The final run's share of the budget: the same shape, compressed, so the rate still anneals to zero.
+    half = loop.shortened(r, 0.5)
+    assert half.steps == r.steps // 2 and half.rate(half.steps - 1) < 0.01
+    assert half.rate(0) == pytest.approx(rates[0] * 2, rel=0.1)  # the warm-up is compressed too
+    assert loop.shortened(r, 1.7).steps == r.steps and loop.shortened(r, 0.0).steps == 1
 
 
 def test_augment_crops_and_flips_whole_batches_reproducibly():
@@ -198,6 +204,10 @@ def test_each_strategy_trains(base, strategy_name):
     result = engine.train(base, examples, engine.TrainConfig(strategy=strategy_name, epochs=3), seen.append)
     assert result.decision.chosen == strategy_name and "as requested" in result.decision.reason
     assert seen and seen[-1].fraction == pytest.approx(1.0)
+    assert all(a.fraction <= b.fraction for a, b in itertools.pairwise(seen))  # progress never goes back
+    if strategy_name != engine.FEATURE_EXTRACTION:  # the final run ends its (compressed) schedule, not cut mid-way
+        final = [p for p in seen if p.stage.endswith("on every example")]
+        assert final and final[-1].step == final[-1].steps == result.metrics["steps"]
     assert [p.fraction for p in seen] == sorted(p.fraction for p in seen)  # progress never goes back
     assert result.model.head.out_features == len(shapes.NOVEL_CLASSES)
     assert result.arch == ("resnet18" if strategy_name == engine.FROM_SCRATCH else base.arch)

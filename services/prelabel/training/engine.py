@@ -15,7 +15,8 @@
    thus gets an out-of-fold prediction. They choose the training length (training/loop.py), make
    AUTO's trial a paired comparison on the same examples, and calibrate confidence and the
    auto-accept threshold (training/calibration.py) on all labels instead of a 20 % split.
-4. The chosen strategy is trained once more on every example, for the length the folds chose.
+4. The chosen strategy is trained once more on every example, for the share of its budget the folds
+   chose, its learning-rate schedule compressed to end there.
 """
 
 from __future__ import annotations
@@ -291,7 +292,8 @@ def train(
     deep = decision.chosen if decision.chosen != FEATURE_EXTRACTION else None
     with_fe = deep is None or (config.strategy == AUTO and config.trial)
     recipe = loop.recipe(deep, n - n // len(folds), config.epochs, config.learning_rate) if deep else None
-    job.planned = (recipe.steps * (len(folds) + 1) if recipe else 0) + 1
+    final = loop.recipe(deep, n, config.epochs, config.learning_rate) if deep else None  # on every example
+    job.planned = (recipe.steps * len(folds) + final.steps if recipe and final else 0) + 1
     oof: dict[str, torch.Tensor] = {}
     fe_setting = head.Setting()  # chosen below whenever feature extraction can be published
     if with_fe:
@@ -317,9 +319,13 @@ def train(
         arch, steps_run = base.arch, 0
         final_embeddings = features
     else:
-        assert recipe is not None
-        arch, model, steps_run = _final_run(base, chosen, decision.freeze_first_k, examples, normalize, recipe,
-                                            best_step, config, job)  # fmt: skip
+        assert recipe is not None and final is not None
+        # The folds' best share of their budget, the schedule compressed to end there: the learning rate
+        # anneals to zero at the stop instead of being cut off mid-decay.
+        shortened = loop.shortened(final, best_step / recipe.steps)
+        job.planned -= final.steps - shortened.steps
+        arch, model, steps_run = _final_run(base, chosen, decision.freeze_first_k, examples, normalize, shortened,
+                                            config, job)  # fmt: skip
         final_embeddings = loop.predict(model, examples.pixels, normalize)[1]
         model = model.cpu().eval()
 
@@ -336,7 +342,7 @@ def train(
         "val_examples": float(n),
         "folds": float(len(folds)),
         "steps": float(steps_run),
-        "epochs": steps_run / max(1, math.ceil(n / (recipe.batch_size if recipe else 1))),
+        "epochs": steps_run / max(1, math.ceil(n / (final.batch_size if final else 1))),
         "train_seconds": time.monotonic() - job.started,
         "similarity": measured,
         "temperature": temperature,
@@ -427,8 +433,7 @@ def _crossfit_deep(base: Base, strategy: str, k: int, examples: data.Examples, f
 
 
 def _final_run(base: Base, strategy: str, k: int, examples: data.Examples, normalize: backbones.Normalizer,
-               recipe: loop.Recipe, best_step: int, config: TrainConfig, job: _Job
-               ) -> tuple[str, backbones.Classifier, int]:  # fmt: skip
+               recipe: loop.Recipe, config: TrainConfig, job: _Job) -> tuple[str, backbones.Classifier, int]:
     n_classes = len(examples.classes)
     arch = base.arch
 
@@ -438,8 +443,8 @@ def _final_run(base: Base, strategy: str, k: int, examples: data.Examples, norma
         model, frozen, arch = loop.strategy_model(base.model, base.arch, base.family, strategy, n_classes, k,
                                                   base.preprocess.crop)  # fmt: skip
         return loop.fit(model, frozen, examples, None, normalize, recipe, config.seed,
-                        lambda s, loss, acc, speed: report(s, loss, acc, speed, best_step), job.should_stop,
-                        job.save_on_stop, stop_at=best_step, resume=resume, save=job.save_current("final"),
+                        lambda s, loss, acc, speed: report(s, loss, acc, speed, recipe.steps), job.should_stop,
+                        job.save_on_stop, resume=resume, save=job.save_current("final"),
                         save_every_s=job.save_every_s)  # fmt: skip
 
     summary = job.run("final", f"{NAMES[strategy]}, on every example", start, keep=False)

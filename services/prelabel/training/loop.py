@@ -4,8 +4,9 @@ A recipe for small data: a budget of optimisation *steps* (about 40 epochs, neve
 ``MIN_STEPS``, so that 100 images get as much optimisation as 1,000 get in 4 epochs), AdamW with
 weight decay, label smoothing, a linear warm-up then cosine decay to zero, random resized crops
 and flips (training/augment.py). The held-out loss is measured at ``EVALS`` points of the run; the
-engine keeps the step where the loss averaged over all cross-fitting folds is lowest, so the
-choice rests on every labelled example, not on a 30-image split. A fold stops early only when its
+engine finds the share of the budget where the loss averaged over all cross-fitting folds is
+lowest, so the choice rests on every labelled example, not on a 30-image split, and trains the
+final model on every example for that share of its own budget (``shortened``). A fold stops early only when its
 smoothed held-out loss has not improved for 30 % of the run, after at least half of it.
 """
 
@@ -15,7 +16,7 @@ import copy
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -71,6 +72,11 @@ def recipe(strategy: str, n_train: int, epochs: int = 0, learning_rate: float = 
     steps = epochs * per_epoch if epochs else min(MAX_STEPS, max(MIN_STEPS, EPOCHS * per_epoch))
     lr, ratio = RATES[strategy]
     return Recipe(steps=steps, batch_size=batch, lr=learning_rate or lr, body_ratio=ratio)
+
+
+def shortened(recipe: Recipe, share: float) -> Recipe:
+    """``recipe`` cut to ``share`` of its steps, with its warm-up and decay compressed to fit."""
+    return replace(recipe, steps=max(1, round(recipe.steps * min(1.0, share))))
 
 
 @dataclass
@@ -134,12 +140,11 @@ def fit(
     report: Report,
     should_stop: Callable[[], bool],
     save_on_stop: Callable[[], bool] = lambda: True,
-    stop_at: int | None = None,
     resume: dict[str, Any] | None = None,
     save: Callable[[dict[str, Any]], None] | None = None,
     save_every_s: float = 10.0,
 ) -> Run:
-    """Train ``model`` on ``train`` by ``recipe``, up to ``stop_at`` steps (default: all of them).
+    """Train ``model`` on ``train`` by ``recipe``.
 
     With ``held_out``, the loss and logits on it are recorded at each evaluation step, and the run
     may stop early. ``save`` receives the whole state at most every ``save_every_s`` seconds and
@@ -173,7 +178,7 @@ def fit(
             resume["steps_done"], resume["losses"], resume["accuracies"], resume["logits"])  # fmt: skip
         run.resumed_from = run.steps_done
     placed = order.to(pixels.device)  # the epoch's order on the images' device, copied once per epoch
-    end = min(stop_at or recipe.steps, recipe.steps)
+    end = recipe.steps
     evals = set(recipe.eval_steps)
     # The running loss stays on the device: reading it every step would make the host wait for the GPU.
     last_save, total, seen, since = time.monotonic(), torch.zeros((), device=device), 0, time.monotonic()
