@@ -6,8 +6,9 @@ weight decay, label smoothing, a linear warm-up then cosine decay to zero, rando
 and flips (training/augment.py). The held-out loss is measured at ``EVALS`` points of the run; the
 engine finds the share of the budget where the loss averaged over all cross-fitting folds is
 lowest, so the choice rests on every labelled example, not on a 30-image split, and trains the
-final model on every example for that share of its own budget (``shortened``). A fold stops early only when its
-smoothed held-out loss has not improved for 30 % of the run, after at least half of it.
+final model on every example for that share of its own budget (``shortened``). A fold stops
+early only when its smoothed held-out loss has not improved for 30 % of the run, after at least
+half of it.
 """
 
 from __future__ import annotations
@@ -178,7 +179,6 @@ def fit(
             resume["steps_done"], resume["losses"], resume["accuracies"], resume["logits"])  # fmt: skip
         run.resumed_from = run.steps_done
     placed = order.to(pixels.device)  # the epoch's order on the images' device, copied once per epoch
-    end = recipe.steps
     evals = set(recipe.eval_steps)
     # The running loss stays on the device: reading it every step would make the host wait for the GPU.
     last_save, total, seen, since = time.monotonic(), torch.zeros((), device=device), 0, time.monotonic()
@@ -190,11 +190,11 @@ def fit(
 
     model.train()
     stages.keep_frozen_in_eval(frozen)
-    while run.steps_done < end:
+    while run.steps_done < recipe.steps:
         if should_stop():
             if save and save_on_stop():
                 save(state())
-            raise Stopped(f"stopped at step {run.steps_done} of {end}")
+            raise Stopped(f"stopped at step {run.steps_done} of {recipe.steps}")
         if cursor + recipe.batch_size > len(order):
             order, cursor = torch.randperm(len(train), generator=generator), 0
             placed = order.to(pixels.device)
@@ -211,7 +211,7 @@ def fit(
         schedule.step()
         run.steps_done += 1
         total, seen = total + loss.detach().float() * len(index), seen + len(index)
-        evaluate = run.steps_done in evals or run.steps_done == end
+        evaluate = run.steps_done in evals or run.steps_done == recipe.steps
         if not evaluate and time.monotonic() - since >= REPORT_EVERY_S:
             report(run.steps_done, float(total) / seen, math.nan, seen / (time.monotonic() - since))
             total, seen, since = torch.zeros((), device=device), 0, time.monotonic()
