@@ -269,6 +269,23 @@ def test_feature_extraction_head_chooses_its_penalty_out_of_fold():
     assert float((oof.argmax(1) == y).float().mean()) > 0.7
 
 
+def test_feature_extraction_heads_closed_form_gradient_is_autograds():
+    """The head's objective is label-smoothed cross-entropy plus the L2 penalty; its hand-written gradient
+    (training/head.py: faster than autograd at this size) must be that objective's gradient."""
+    torch.manual_seed(0)
+    x, labels = torch.randn(50, 12, dtype=torch.float64), torch.arange(50) % 4
+    weight = torch.randn(4, 12, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(4, dtype=torch.float64, requires_grad=True)
+    target = torch.full((50, 4), head.SMOOTHING / 4, dtype=torch.float64)
+    target[torch.arange(50), labels] += 1 - head.SMOOTHING
+    loss, weight_grad, bias_grad = head.objective(weight, bias, x, target, penalty=0.03)
+    reference = torch.nn.functional.cross_entropy(x @ weight.t() + bias, labels, label_smoothing=head.SMOOTHING)
+    reference = reference + 0.03 * weight.pow(2).sum()
+    reference.backward()
+    assert torch.allclose(loss, reference.detach())
+    assert torch.allclose(weight_grad, weight.grad) and torch.allclose(bias_grad, bias.grad)
+
+
 def test_feature_extraction_head_emphasises_a_few_informative_leading_columns():
     """The signal in 6 leading columns (like the input's colour statistics), 300 noisy ones after them
     (like a backbone's features on unfamiliar images): the out-of-fold loss picks a larger emphasis,
