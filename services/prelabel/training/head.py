@@ -56,7 +56,8 @@ def fit(embeddings: torch.Tensor, labels: torch.Tensor, classes: int, setting: S
     target[torch.arange(n), labels] += 1 - SMOOTHING
     # Strongly convex (L2): full-batch L-BFGS converges in tens of evaluations. A short history (scipy's
     # default) and the gradient in closed form instead of autograd: at this size the optimiser's and
-    # autograd's bookkeeping, not the arithmetic, took the time (2.8x faster, same accuracy: docs/training.md).
+    # autograd's bookkeeping, not the arithmetic, took the time (2.5x faster, accuracy within noise:
+    # bench/head_fit.py, docs/benchmarks.md).
     optimizer = torch.optim.LBFGS(head.parameters(), lr=1.0, max_iter=steps, history_size=HISTORY,
                                   line_search_fn="strong_wolfe")  # fmt: skip
 
