@@ -62,7 +62,7 @@ def autograd_fit(embeddings: torch.Tensor, labels: torch.Tensor, classes: int, s
 
 
 def cases(base: engine.Base, tasks: list[str], seeds: list[int]):  # type: ignore[no-untyped-def]
-    """(name, train features, labels, test features or None, test labels or None, leading columns)."""
+    """(name, seed, train features, labels, test features, test labels, leading statistics columns)."""
     normalize = backbones.Normalizer(base.preprocess, torch.device("cpu"))
     for name in tasks:
         for seed in seeds:

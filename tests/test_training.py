@@ -276,8 +276,7 @@ def test_feature_extraction_heads_closed_form_gradient_is_autograds():
     x, labels = torch.randn(50, 12, dtype=torch.float64), torch.arange(50) % 4
     weight = torch.randn(4, 12, dtype=torch.float64, requires_grad=True)
     bias = torch.randn(4, dtype=torch.float64, requires_grad=True)
-    target = torch.full((50, 4), head.SMOOTHING / 4, dtype=torch.float64)
-    target[torch.arange(50), labels] += 1 - head.SMOOTHING
+    target = head.smoothed(labels, 4, torch.float64)
     loss, weight_grad, bias_grad = head.objective(weight, bias, x, target, penalty=0.03)
     reference = torch.nn.functional.cross_entropy(x @ weight.t() + bias, labels, label_smoothing=head.SMOOTHING)
     reference = reference + 0.03 * weight.pow(2).sum()
