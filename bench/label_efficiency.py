@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -157,8 +158,10 @@ def baseline_resnet18(train: list[Image.Image], y: list[str], test: list[Image.I
     return float(np.mean([p == test_set.classes[t] for p, t in zip(predicted, test_set.labels.tolist(), strict=True)]))
 
 
-def evaluate(result: engine.TrainResult, test: data.Examples) -> tuple[float, float, float, int]:
-    """(accuracy, realised auto-accept precision (nan if none accepted), coverage, accepted count) on ``test``."""
+def evaluate(result: engine.TrainResult, images: Images, labels: list[str]) -> tuple[float, float, float, int]:
+    """(accuracy, realised auto-accept precision (nan if none accepted), coverage, accepted count) on the test
+    images, prepared as the result's version prepares them (from scratch reads its own resolution)."""
+    test = data.from_images(images, labels, result.preprocess)
     normalize = backbones.Normalizer(result.preprocess, torch.device("cpu"))
     with torch.no_grad():
         logits = torch.cat([result.model(normalize(test.pixels[i : i + 256]))[0] for i in range(0, len(test), 256)])
@@ -176,7 +179,6 @@ def row(base: engine.Base, name: str, per_class: int, seed: int, strategies: lis
         ) -> tuple[dict[str, float], list[str]]:  # fmt: skip
     """One task, labels per class and seed: (accuracy % by column, the table's cells)."""
     pool, pool_labels, test_images, test_labels, size = task(name, per_class + 10, seed)
-    test = data.from_images(test_images, test_labels, base.preprocess)
     index = subset(pool_labels, per_class, seed)
     chosen_images, chosen_labels = [pool[i] for i in index], [pool_labels[i] for i in index]
     examples = data.from_images(chosen_images, chosen_labels, base.preprocess)
@@ -190,8 +192,9 @@ def row(base: engine.Base, name: str, per_class: int, seed: int, strategies: lis
         started = time.perf_counter()
         result = engine.train(base, examples, engine.TrainConfig(strategy=strategy, seed=seed))
         seconds = time.perf_counter() - started
-        acc, precision, coverage, accepted = evaluate(result, test)
+        acc, precision, coverage, accepted = evaluate(result, test_images, test_labels)
         accuracy[strategy] = acc * 100
+        print(f"{name} seed {seed}: {SHORT[strategy]} {acc:.1%} in {seconds:.0f} s", file=sys.stderr, flush=True)
         if strategy == engine.AUTO:
             accuracy[PRECISION] = precision
             best = max((accuracy[s] for s in FIXED if not math.isnan(accuracy[s])), default=math.nan)  # those run

@@ -10,8 +10,11 @@ import threading
 import grpc
 import numpy as np
 import pytest
+import torch
 
 from prelabel.datasets import shapes
+from prelabel.models import backbones
+from prelabel.preprocessing import decode
 from prelabel.settings import Settings
 from prelabel.training import data, engine
 from prelabel.training.publish import load_into_triton, publish
@@ -27,6 +30,14 @@ pytestmark = pytest.mark.stack
 def held_out(seed: int, count: int = 36) -> tuple[list[tuple[str, bytes]], list[str]]:
     images, labels = shapes.sample(count, 96, seed, shapes.NOVEL_CLASSES)
     return [(str(i), encode(im, "PNG")) for i, im in enumerate(images)], [shapes.NOVEL_CLASSES[y] for y in labels]
+
+
+def in_process(result: engine.TrainResult, images: list[bytes]) -> list[str]:
+    """The trained model's top labels for ``images``, prepared as its result says, without Triton."""
+    pixels = torch.from_numpy(np.stack([decode(image, result.preprocess) for image in images]))
+    with torch.no_grad():
+        logits, _ = result.model.eval()(backbones.Normalizer(result.preprocess, torch.device("cpu"))(pixels))
+    return [result.classes[i] for i in logits.argmax(1).tolist()]
 
 
 def accuracy(response: pb.PredictResponse, truth: list[str]) -> float:
@@ -128,12 +139,15 @@ def test_every_strategy_and_a_digits_model_are_served(stack, predict_stub):
 
     repository = repository_for(Settings(data_dir=stack.data_dir))
     base = engine.load_base(repository, "prelabel-base")
-    images, labels = shapes.sample(12 * len(shapes.NOVEL_CLASSES), 64, 61, shapes.NOVEL_CLASSES)
+    # 96 px images: the base reads them at 64 px, from scratch at their own 96 (training/resolution.py).
+    images, labels = shapes.sample(12 * len(shapes.NOVEL_CLASSES), 96, 61, shapes.NOVEL_CLASSES)
     examples = data.from_images(images, [shapes.NOVEL_CLASSES[y] for y in labels], base.preprocess)
-    published = {}
+    published, results = {}, {}
     for strategy in (engine.FREEZE_FIRST_K, engine.FROM_SCRATCH):
-        result = engine.train(base, examples, engine.TrainConfig(strategy=strategy, epochs=2))
-        published[strategy] = publish(repository, "every-strategy", result, base)
+        results[strategy] = engine.train(base, examples, engine.TrainConfig(strategy=strategy, epochs=2))
+        published[strategy] = publish(repository, "every-strategy", results[strategy], base)
+    sizes = {s: repository.card("every-strategy", v).preprocess.crop for s, v in published.items()}
+    assert sizes == {engine.FREEZE_FIRST_K: 64, engine.FROM_SCRATCH: 96}
     digit_images, digit_labels = digits.load()
     train = data.from_images(digit_images[:300], [str(y) for y in digit_labels[:300]], base.preprocess)
     publish(
@@ -146,7 +160,9 @@ def test_every_strategy_and_a_digits_model_are_served(stack, predict_stub):
     for strategy, version in published.items():
         response = predict_stub.Predict(request(test_images, model="every-strategy", version=str(version)), timeout=60)
         assert response.version == str(version), strategy
-        assert all(p.labels[0].name in shapes.NOVEL_CLASSES for p in response.predictions)
+        # Served as trained: Triton prepares the images as the version's card says (96 px for from scratch).
+        result = results[strategy]
+        assert [p.labels[0].name for p in response.predictions] == in_process(result, [b for _, b in test_images])
     held = [(str(i), encode(digit_images[i], "PNG")) for i in range(1500, 1560)]
     response = predict_stub.Predict(request(held, model="digits", top_k=1), timeout=60)
     correct = sum(p.labels[0].name == str(digit_labels[1500 + i]) for i, p in enumerate(response.predictions))

@@ -17,7 +17,8 @@ from prelabel.datasets import digits, formulas, photos, shapes
 from prelabel.errors import InvalidArgument
 from prelabel.models import backbones
 from prelabel.models.runner import Runner
-from prelabel.training import calibration, data, engine, head, loop, stages, strategy
+from prelabel.preprocessing import Preprocess
+from prelabel.training import calibration, data, engine, head, loop, resolution, stages, strategy
 from prelabel.training.augment import Augment
 from prelabel.training.similarity import confidence_similarity
 from prelabel.triton.defaults import ensure_default_model
@@ -221,6 +222,47 @@ def test_each_strategy_trains(base, strategy_name):
             torch.equal(a, b) for a, b in zip(result.model.body.parameters(), base.model.body.parameters(), strict=True)
         )
     assert 0 <= result.metrics["val_accuracy"] <= 1 and result.summary.startswith("cross-validated accuracy")
+
+
+def test_from_scratch_reads_the_images_at_their_own_resolution_within_bounds():
+    base = Preprocess(resize=64, crop=64)
+    assert resolution.scratch_preprocess(base, [96] * 5 + [8] * 2) == Preprocess(resize=96, crop=96)  # the median
+    assert resolution.scratch_preprocess(base, [80, 80, 4000]).crop == 80
+    assert resolution.scratch_preprocess(base, [3000, 4000]).crop == resolution.MAX_SIZE  # compute bounds it
+    assert resolution.scratch_preprocess(base, [8, 8, 8]) is base  # small images: enlarged as for the base
+    imagenet = Preprocess(resize=256, crop=224)
+    assert resolution.scratch_preprocess(imagenet, [96, 500]) is imagenet  # never below the base's size
+
+
+def test_examples_decode_again_at_another_size_in_the_same_order(base):
+    images, labels = shapes.sample(4 * len(shapes.NOVEL_CLASSES), 96, 3, shapes.NOVEL_CLASSES)
+    examples = data.from_images(images, [shapes.NOVEL_CLASSES[y] for y in labels], base.preprocess)
+    assert examples.source is not None and examples.source.short_sides() == [96] * len(images)
+    part = examples.subset(torch.arange(17, -1, -1))  # three of each class, in reverse
+    again = part.decoded(Preprocess(resize=96, crop=96))
+    assert again.pixels.shape == (18, 96, 96, 3) and torch.equal(again.labels, part.labels)
+    assert again.classes == examples.classes
+    assert torch.equal(again.pixels[17], torch.from_numpy(np.asarray(images[0].convert("RGB"))))
+    with pytest.raises(ValueError, match="cannot be decoded again"):
+        data.Examples(examples.pixels, examples.labels, examples.classes).decoded(base.preprocess)
+
+
+def test_from_scratch_trains_at_the_images_resolution_and_records_it(base):
+    """The base reads 64 px; 96 px images train from scratch at 96 and the version says so (its card's
+    preprocessing is the result's), while a transfer strategy keeps the base's."""
+    images, labels = shapes.sample(6 * len(shapes.NOVEL_CLASSES), 96, 7, shapes.NOVEL_CLASSES)
+    names = [shapes.NOVEL_CLASSES[y] for y in labels]
+    examples = data.from_images(images, names, base.preprocess)
+    assert base.preprocess.crop == 64 and examples.pixels.shape[1] == 64
+    result = engine.train(base, examples, engine.TrainConfig(strategy=engine.FROM_SCRATCH, epochs=2))
+    assert result.preprocess == Preprocess(96, 96, base.preprocess.mean, base.preprocess.std,
+                                           base.preprocess.interpolation)  # fmt: skip
+    assert "from scratch at 96 px" in result.decision.reason
+    pixels = torch.from_numpy(np.stack([np.asarray(image.convert("RGB")) for image in images[:4]]))  # 96 px
+    logits, _ = result.model(backbones.Normalizer(result.preprocess, torch.device("cpu"))(pixels))
+    assert logits.shape == (4, len(shapes.NOVEL_CLASSES)) and result.reference is not None
+    freeze = engine.train(base, examples, engine.TrainConfig(strategy=engine.FREEZE_FIRST_K, epochs=2))
+    assert freeze.preprocess == base.preprocess and "px" not in freeze.decision.reason
 
 
 @pytest.mark.parametrize(

@@ -2,7 +2,9 @@
 
 Images are decoded to the model's input size a single time (uint8, a few KB each); every epoch
 then reads tensors, never files. Problems are found before any training starts and reported all
-at once, so nothing is half-published.
+at once, so nothing is half-published. The encoded files stay at hand (``Examples.source``) so
+that a strategy with an input size of its own (from scratch, training/resolution.py) can decode
+them once more at that size.
 """
 
 from __future__ import annotations
@@ -26,11 +28,34 @@ from prelabel.preprocessing import ImageError, Preprocess, decode_or_error
 DECODE_BLOCK = 64  # images decoded between two interrupt checks
 
 
+@dataclass(frozen=True)
+class Source:
+    """The encoded files the examples were decoded from, in the same order, to decode them again."""
+
+    images: list[bytes]
+    labels: list[str]
+    names: list[str] | None
+    max_pixels: int
+
+    def subset(self, index: list[int]) -> Source:
+        names = [self.names[i] for i in index] if self.names else None
+        return Source([self.images[i] for i in index], [self.labels[i] for i in index], names, self.max_pixels)
+
+    def short_sides(self) -> list[int]:
+        """Each image's shorter side in pixels, read from its header (nothing is decoded)."""
+        sides = []
+        for content in self.images:
+            with Image.open(io.BytesIO(content)) as image:
+                sides.append(min(image.size))
+        return sides
+
+
 @dataclass
 class Examples:
     pixels: torch.Tensor  # uint8 [N, H, W, 3], already resized and cropped for the model
     labels: torch.Tensor  # int64 [N]
     classes: list[str]
+    source: Source | None = None  # None when made from pixels alone
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -40,7 +65,15 @@ class Examples:
         return dict(zip(self.classes, counted, strict=True))
 
     def subset(self, index: torch.Tensor) -> Examples:
-        return Examples(self.pixels[index], self.labels[index], self.classes)
+        source = self.source.subset(index.tolist()) if self.source else None
+        return Examples(self.pixels[index], self.labels[index], self.classes, source)
+
+    def decoded(self, preprocess: Preprocess, interrupt: Callable[[], None] = lambda: None) -> Examples:
+        """The same examples decoded again for ``preprocess`` (same order, labels and classes)."""
+        if self.source is None:
+            raise ValueError("these examples were made from pixels, not files; they cannot be decoded again")
+        s = self.source
+        return from_encoded(s.images, s.labels, preprocess, s.names, s.max_pixels, interrupt)
 
 
 def from_encoded(
@@ -72,7 +105,8 @@ def from_encoded(
     if problems:
         shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
         raise InvalidArgument(f"{len(problems)} image(s) could not be read: {shown}. Remove or replace them")
-    examples = Examples(torch.from_numpy(np.stack(pixels)), torch.tensor(targets, dtype=torch.int64), classes)
+    examples = Examples(torch.from_numpy(np.stack(pixels)), torch.tensor(targets, dtype=torch.int64), classes,
+                        Source(images, labels, names, max_pixels))  # fmt: skip
     check(examples)
     return examples
 

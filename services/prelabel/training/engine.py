@@ -17,6 +17,9 @@
    auto-accept threshold (training/calibration.py) on all labels instead of a 20 % split.
 4. The chosen strategy is trained once more on every example, for the share of its budget the folds
    chose, its learning-rate schedule compressed to end there.
+
+From scratch alone reads the images at their own resolution (up to 96 px; training/resolution.py),
+decoded once more from the files; its version records that preprocessing in its card.
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ from prelabel.models import backbones
 from prelabel.models.base import reference_statistics
 from prelabel.preprocessing import Preprocess
 from prelabel.spec import DEFAULT_TARGET_PRECISION
-from prelabel.training import calibration, data, head, loop, stages
+from prelabel.training import calibration, data, head, loop, resolution, stages
 from prelabel.training.loop import Stopped
 from prelabel.training.similarity import confidence_similarity, similarity
 from prelabel.training.strategy import (
@@ -290,6 +293,15 @@ def train(
 
     # 2. Cross-fitting: out-of-fold logits of feature extraction (cheap) and of the rule's choice.
     deep = decision.chosen if decision.chosen != FEATURE_EXTRACTION else None
+    # From scratch reads the images at their own resolution (training/resolution.py), decoded once more.
+    deep_examples, deep_normalize, deep_preprocess = examples, normalize, base.preprocess
+    if deep == FROM_SCRATCH and examples.source is not None:
+        deep_preprocess = resolution.scratch_preprocess(base.preprocess, examples.source.short_sides())
+        if deep_preprocess != base.preprocess:
+            deep_examples = examples.decoded(deep_preprocess, job.check)
+            deep_normalize = backbones.Normalizer(deep_preprocess, device)
+            decision.reason += (f"; from scratch at {deep_preprocess.crop} px, the images' own resolution "
+                                f"(the base reads {base.preprocess.crop} px)")  # fmt: skip
     with_fe = deep is None or (config.strategy == AUTO and config.trial)
     recipe = loop.recipe(deep, n - n // len(folds), config.epochs, config.learning_rate) if deep else None
     final = loop.recipe(deep, n, config.epochs, config.learning_rate) if deep else None  # on every example
@@ -304,8 +316,8 @@ def train(
         job.report(NAMES[FEATURE_EXTRACTION], 1, 1, accuracy=_accuracy(fe_oof, examples.labels))
     best_step = 0
     if deep and recipe:
-        oof[deep], best_step = _crossfit_deep(base, deep, decision.freeze_first_k, examples, folds, normalize, recipe,
-                                              config, job)  # fmt: skip
+        oof[deep], best_step = _crossfit_deep(base, deep, decision.freeze_first_k, deep_examples, folds, deep_normalize,
+                                              recipe, config, job)  # fmt: skip
 
     # 3. AUTO's trial, paired on the same examples.
     if len(oof) > 1 and deep:
@@ -324,9 +336,9 @@ def train(
         # anneals to zero at the stop instead of being cut off mid-decay.
         shortened = loop.shortened(final, best_step / recipe.steps)
         job.planned -= final.steps - shortened.steps
-        arch, model, steps_run = _final_run(base, chosen, decision.freeze_first_k, examples, normalize, shortened,
-                                            config, job)  # fmt: skip
-        final_embeddings = loop.predict(model, examples.pixels, normalize)[1]
+        arch, model, steps_run = _final_run(base, chosen, decision.freeze_first_k, deep_examples, deep_normalize,
+                                            shortened, config, job)  # fmt: skip
+        final_embeddings = loop.predict(model, deep_examples.pixels, deep_normalize)[1]
         model = model.cpu().eval()
 
     # 5. Calibration on the out-of-fold predictions.
@@ -365,7 +377,7 @@ def train(
         model=model,
         arch=arch,
         classes=examples.classes,
-        preprocess=base.preprocess,
+        preprocess=deep_preprocess if chosen == deep else base.preprocess,
         decision=decision,
         metrics=metrics,
         temperature=temperature,
@@ -414,7 +426,7 @@ def _crossfit_deep(base: Base, strategy: str, k: int, examples: data.Examples, f
                   ) -> loop.Run:  # fmt: skip
             torch.manual_seed(seed)
             model, frozen, _ = loop.strategy_model(base.model, base.arch, base.family, strategy, n_classes, k,
-                                                   base.preprocess.crop)  # fmt: skip
+                                                   examples.pixels.shape[1])  # fmt: skip
             return loop.fit(model, frozen, train_set, held_out, normalize, recipe, seed,
                             lambda s, loss, acc, speed: report(s, loss, acc, speed, recipe.steps), job.should_stop,
                             job.save_on_stop, resume=resume, save=job.save_current(name),
@@ -441,7 +453,7 @@ def _final_run(base: Base, strategy: str, k: int, examples: data.Examples, norma
         nonlocal arch
         torch.manual_seed(config.seed)
         model, frozen, arch = loop.strategy_model(base.model, base.arch, base.family, strategy, n_classes, k,
-                                                  base.preprocess.crop)  # fmt: skip
+                                                  examples.pixels.shape[1])  # fmt: skip
         return loop.fit(model, frozen, examples, None, normalize, recipe, config.seed,
                         lambda s, loss, acc, speed: report(s, loss, acc, speed, recipe.steps), job.should_stop,
                         job.save_on_stop, resume=resume, save=job.save_current("final"),
