@@ -33,13 +33,12 @@ class Source:
     """The encoded files the examples were decoded from, in the same order, to decode them again."""
 
     images: list[bytes]
-    labels: list[str]
     names: list[str] | None
     max_pixels: int
 
     def subset(self, index: list[int]) -> Source:
         names = [self.names[i] for i in index] if self.names else None
-        return Source([self.images[i] for i in index], [self.labels[i] for i in index], names, self.max_pixels)
+        return Source([self.images[i] for i in index], names, self.max_pixels)
 
     def short_sides(self) -> list[int]:
         """Each image's shorter side in pixels, read from its header (nothing is decoded)."""
@@ -72,8 +71,9 @@ class Examples:
         """The same examples decoded again for ``preprocess`` (same order, labels and classes)."""
         if self.source is None:
             raise ValueError("these examples were made from pixels, not files; they cannot be decoded again")
-        s = self.source
-        return from_encoded(s.images, s.labels, preprocess, s.names, s.max_pixels, interrupt)
+        labels = [self.classes[i] for i in self.labels.tolist()]
+        return from_encoded(self.source.images, labels, preprocess, self.source.names, self.source.max_pixels,
+                            interrupt)  # fmt: skip
 
 
 def from_encoded(
@@ -106,7 +106,7 @@ def from_encoded(
         shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
         raise InvalidArgument(f"{len(problems)} image(s) could not be read: {shown}. Remove or replace them")
     examples = Examples(torch.from_numpy(np.stack(pixels)), torch.tensor(targets, dtype=torch.int64), classes,
-                        Source(images, labels, names, max_pixels))  # fmt: skip
+                        Source(images, names, max_pixels))  # fmt: skip
     check(examples)
     return examples
 
