@@ -31,6 +31,7 @@ import statistics
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import grpc
@@ -149,9 +150,9 @@ def prelabel_training(arch: str, size: int, device: torch.device, steps: int) ->
     recipe = loop.recipe(FULL_FINE_TUNE, n)
     normalize = backbones.Normalizer(backbones.architecture(arch).imagenet_preprocess(), device)
 
-    def fit(stop_at: int) -> None:
+    def fit(steps: int) -> None:
         model = backbones.build(arch, 10, size)
-        loop.fit(model, [], train, None, normalize, recipe, 0, lambda *_: None, lambda: False, stop_at=stop_at)
+        loop.fit(model, [], train, None, normalize, replace(recipe, steps=steps), 0, lambda *_: None, lambda: False)
 
     fit(3)  # warm-up
     sync(device)
@@ -230,15 +231,19 @@ def main() -> None:
         runner = Runner(version, device=str(device), max_batch=args.batch)
         decoded = torch.stack([torch.as_tensor(d) for d in runner.decode(jpegs[: args.batch], [0] * args.batch)])
         raw, raw_p50 = raw_inference(runner.model, decoded, runner.normalize, device, args.seconds)
+        print(f"raw torch: {raw:,.0f} images/s, batch-1 p50 {raw_p50:.1f} ms", flush=True)
         pipeline: dict[str, float] = {}
         for label, on_device in (("nvJPEG", True), ("Pillow", False)):
             runner.decode_on_device = on_device
             pipeline[label], _ = timed(lambda: len(runner.run(jpegs[: args.batch]).error_codes), device, args.seconds)
+            print(f"in process, {label}: {pipeline[label]:,.0f} images/s", flush=True)
         served = asyncio.run(serving(stack, name, jpegs, args))
+        print(f"served: {served}", flush=True)
     finally:
         stack.stop()
     size, raw_batch = (64, 8) if args.quick else (224, 64)
     raw_train = raw_training(args.arch, size, raw_batch, device, args.train_steps)
+    print(f"raw training: {raw_train:,.0f} images/s", flush=True)
     ours_train, train_batch = prelabel_training(args.arch, size, device, args.train_steps)
 
     rows = [

@@ -192,12 +192,17 @@ def _photo_jpegs() -> dict[str, bytes]:
     }
 
 
-def test_device_decoding_matches_pillow_and_keeps_per_image_errors():
-    """The GPU path (nvJPEG on a GPU; libjpeg-turbo here, same code) sees what the CPU path sees."""
+# The device path runs on the CPU in CI (libjpeg-turbo, same code) and on the GPU too where there is one.
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_device_decoding_matches_pillow_and_keeps_per_image_errors(device):
+    """The GPU path (nvJPEG on a GPU; libjpeg-turbo on the CPU) sees what the CPU path sees."""
     preprocess = Preprocess(resize=128, crop=112)
     images = _photo_jpegs()
     limits = [1000 if name == "over-the-limit" else 0 for name in images]
-    on_device = device_decode.decode_batch(list(images.values()), preprocess, torch.device("cpu"), limits)
+    on_device = device_decode.decode_batch(list(images.values()), preprocess, torch.device(device), limits)
     for (name, content), limit, got in zip(images.items(), limits, on_device, strict=True):
         try:
             expected: np.ndarray | ImageError = decode(content, preprocess, limit)
@@ -209,33 +214,35 @@ def test_device_decoding_matches_pillow_and_keeps_per_image_errors():
             assert isinstance(got, torch.Tensor) and got.dtype == torch.uint8 and got.shape == (112, 112, 3), name
             # Pillow decodes JPEGs at a reduced DCT scale (draft mode); the GPU path decodes in full and
             # resizes with antialiasing: a level or two apart on average, never a different picture.
-            assert np.abs(got.numpy().astype(float) - expected.astype(float)).mean() < 3, name
+            assert np.abs(got.cpu().numpy().astype(float) - expected.astype(float)).mean() < 3, name
     assert isinstance(on_device[-1], TooManyPixels)  # checked on the header, before any decode
 
 
-def test_device_decoding_bounds_the_pixels_of_one_pass():
+@pytest.mark.parametrize("device", DEVICES)
+def test_device_decoding_bounds_the_pixels_of_one_pass(device):
     sizes = [(0, 40), (1, 40), (2, 30), (3, 100), (4, 10)]
     passes = [[i for i, _ in b] for b in bounded(sizes, lambda s: s[1], 80)]
     assert passes == [[0, 1], [2], [3], [4]]  # a large image goes alone
     images = list(_photo_jpegs().values())[:3]
     preprocess = Preprocess(resize=64, crop=64)
-    whole = device_decode.decode_batch(images, preprocess, torch.device("cpu"), [0] * 3)
-    one_by_one = device_decode.decode_batch(images, preprocess, torch.device("cpu"), [0] * 3, pixels_per_pass=1)
+    whole = device_decode.decode_batch(images, preprocess, torch.device(device), [0] * 3)
+    one_by_one = device_decode.decode_batch(images, preprocess, torch.device(device), [0] * 3, pixels_per_pass=1)
     for a, b in zip(whole, one_by_one, strict=True):
         assert torch.equal(a, b)
 
 
-def test_runner_device_path_and_batch_limit_give_the_cpu_path_predictions(runner, base_version):
+@pytest.mark.parametrize("device", DEVICES)
+def test_runner_device_path_and_batch_limit_give_the_cpu_path_predictions(runner, base_version, device):
     images = [c for name, c in _photo_jpegs().items() if name not in ("over-the-limit",)]
     images += [encode(im, "JPEG", quality=92) for im in formula_images(12, 96, seed=7)[0]]
     cpu = runner.run(images)
-    device = Runner(base_version, decode_on_device=True, max_batch=5).run(images)
-    assert device.error_codes.tolist() == cpu.error_codes.tolist()
-    assert device.error_messages == cpu.error_messages
+    on_device = Runner(base_version, device=device, decode_on_device=True, max_batch=5).run(images)
+    assert on_device.error_codes.tolist() == cpu.error_codes.tolist()
+    assert on_device.error_messages == cpu.error_messages
     ok = cpu.error_codes == 0
     assert ok.sum() == len(images) - 3
-    assert (device.probabilities[ok].argmax(1) == cpu.probabilities[ok].argmax(1)).mean() >= 0.9
-    assert np.abs(device.probabilities - cpu.probabilities).max() < 0.1
+    assert (on_device.probabilities[ok].argmax(1) == cpu.probabilities[ok].argmax(1)).mean() >= 0.9
+    assert np.abs(on_device.probabilities - cpu.probabilities).max() < 0.1
     # Three at a time, so one block holds only the three unusable images: the same answers as one batch.
     chunked = Runner(base_version, max_batch=3).run(images)
     assert chunked.error_codes.tolist() == cpu.error_codes.tolist() and chunked.error_messages == cpu.error_messages
