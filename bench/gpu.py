@@ -27,7 +27,9 @@ import argparse
 import asyncio
 import importlib.util
 import io
+import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -43,7 +45,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.gateway_vs_triton import load, pct
-from prelabel.models import backbones
+from prelabel.models import backbones, device_decode
 from prelabel.models.runner import Runner
 from prelabel.training import loop
 from prelabel.training.data import Examples
@@ -162,6 +164,36 @@ def prelabel_training(arch: str, size: int, device: torch.device, steps: int) ->
     return steps * recipe.batch_size / (time.perf_counter() - started), recipe.batch_size
 
 
+def gpu_memory() -> str:
+    """GPU memory of each process on the card (Triton's instances among them), from nvidia-smi."""
+    if shutil.which("nvidia-smi") is None:
+        return "no nvidia-smi"
+    query = ["nvidia-smi", "--query-compute-apps=pid,process_name,used_memory", "--format=csv,noheader"]
+    return subprocess.run(query, capture_output=True, text=True, check=False).stdout.strip().replace("\n", "; ")
+
+
+def breakdown(runner: Runner, jpegs: list[bytes], device: torch.device, seconds: float) -> dict[str, float]:
+    """Where the in-process pipeline's time goes, per batch (ms): nvJPEG decode alone, decode +
+    resize/crop, the whole ``Runner.run``; on a GPU also a profile of one call, kernels by time."""
+    preprocess, n = runner.card.preprocess, len(jpegs)
+    steps = {
+        "decode": lambda: len(device_decode.decode_jpegs(jpegs, device)),
+        "decode + resize/crop": lambda: len(device_decode.decode_batch(jpegs, preprocess, device, [0] * n)),
+        "Runner.run": lambda: len(runner.run(jpegs).error_codes),
+    }
+    out = {label: 1000 * n / timed(fn, device, seconds / 2)[0] for label, fn in steps.items()}
+    print("per batch of", n, ":", ", ".join(f"{k} {v:.2f} ms" for k, v in out.items()), flush=True)
+    if device.type == "cuda":
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            runner.run(jpegs)
+            sync(device)
+        for key in ("self_cuda_time_total", "self_cpu_time_total"):
+            print(prof.key_averages().table(sort_by=key, row_limit=12), flush=True)
+    return out
+
+
 async def serving(stack: Stack, name: str, jpegs: list[bytes], args: argparse.Namespace) -> dict[str, float]:
     """Straight to Triton and through the gateway, alternated: saturation rates and batch-1 p50s."""
     triton = TritonClient(stack.triton_url)
@@ -203,6 +235,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2, help="alternations of Triton and the gateway")
     parser.add_argument("--images", type=int, default=256, help="distinct JPEGs")
     parser.add_argument("--train-steps", type=int, default=60)
+    parser.add_argument("--instances", type=int, nargs="+", default=[0],
+                        help="Triton instances per GPU, one server each; the table shows the first (0: the default)")
     parser.add_argument("--quick", action="store_true", help="tiny settings: checks that the script works")
     args = parser.parse_args()
     if args.quick:
@@ -222,9 +256,13 @@ def main() -> None:
     print(f"{len(jpegs)} JPEGs, {min(map(len, jpegs)) // 1024}-{max(map(len, jpegs)) // 1024} KB", flush=True)
 
     kind = "KIND_GPU" if device.type == "cuda" else "KIND_CPU"
-    stack = Stack.serve(data_dir, default_model=name, base_weights=f"{args.arch}:{weights}",
-                        triton_instance_kind=kind, triton_max_batch_size=args.batch,
-                        max_images_per_request=max(64, args.batch))  # fmt: skip
+
+    def serve(instances: int) -> Stack:
+        return Stack.serve(data_dir, default_model=name, base_weights=f"{args.arch}:{weights}",
+                           triton_instance_kind=kind, triton_instance_count=instances,
+                           triton_max_batch_size=args.batch, max_images_per_request=max(64, args.batch))  # fmt: skip
+
+    stack = serve(args.instances[0])
     try:
         wait_for_health(stack.address, timeout=600)
         version = data_dir / "models" / name / "1"
@@ -237,10 +275,21 @@ def main() -> None:
             runner.decode_on_device = on_device
             pipeline[label], _ = timed(lambda: len(runner.run(jpegs[: args.batch]).error_codes), device, args.seconds)
             print(f"in process, {label}: {pipeline[label]:,.0f} images/s", flush=True)
+        runner.decode_on_device = True
+        breakdown(runner, jpegs[: args.batch], device, args.seconds)
         served = asyncio.run(serving(stack, name, jpegs, args))
-        print(f"served: {served}", flush=True)
+        print(f"served, instances {args.instances[0]}: {served}", flush=True)
+        print(f"GPU memory: {gpu_memory()}", flush=True)
     finally:
         stack.stop()
+    for count in args.instances[1:]:  # the same serving measurements with other instance counts
+        stack = serve(count)
+        try:
+            wait_for_health(stack.address, timeout=600)
+            print(f"served, instances {count}: {asyncio.run(serving(stack, name, jpegs, args))}", flush=True)
+            print(f"GPU memory: {gpu_memory()}", flush=True)
+        finally:
+            stack.stop()
     size, raw_batch = (64, 8) if args.quick else (224, 64)
     raw_train = raw_training(args.arch, size, raw_batch, device, args.train_steps)
     print(f"raw training: {raw_train:,.0f} images/s", flush=True)

@@ -12,6 +12,6 @@ out=${OUT:-/tmp/prelabel-gpu}; mkdir -p "$out"
 bash .gpu/install.sh > "$out/install.txt" 2>&1 || { tail -20 "$out/install.txt"; exit 1; }
 tail -1 "$out/install.txt"
 python3 -c "import numpy; print('numpy', numpy.__version__)" 2>&1 | tee -a "$out/machine.txt"
-timeout "${GPU_BENCH_SECONDS:-330}" python3 bench/gpu.py 2>&1 | tee "$out/gpu.txt"
-timeout "${GPU_TEST_SECONDS:-120}" python3 -m pytest -q -p no:cacheprovider tests/test_models.py -k "device or runner" \
-  2>&1 | tail -25 | tee "$out/tests.txt"
+timeout "${GPU_TEST_SECONDS:-120}" python3 -m pytest -q -p no:cacheprovider tests/test_models.py -k "device or runner or jpeg" \
+  2>&1 | tail -60 | tee "$out/tests.txt"
+timeout "${GPU_BENCH_SECONDS:-330}" python3 bench/gpu.py "$@" 2>&1 | tee "$out/gpu.txt"

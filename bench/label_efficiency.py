@@ -194,7 +194,9 @@ def row(base: engine.Base, name: str, per_class: int, seed: int, strategies: lis
         seconds = time.perf_counter() - started
         acc, precision, coverage, accepted = evaluate(result, test_images, test_labels)
         accuracy[strategy] = acc * 100
-        print(f"{name} seed {seed}: {SHORT[strategy]} {acc:.1%} in {seconds:.0f} s", file=sys.stderr, flush=True)
+        share = result.metrics.get("budget_share")
+        steps = f", {result.metrics['steps']:.0f} steps ({share:.0%} of the budget)" if share is not None else ""
+        print(f"{name} seed {seed}: {SHORT[strategy]} {acc:.1%} in {seconds:.0f} s{steps}", file=sys.stderr, flush=True)
         if strategy == engine.AUTO:
             accuracy[PRECISION] = precision
             best = max((accuracy[s] for s in FIXED if not math.isnan(accuracy[s])), default=math.nan)  # those run

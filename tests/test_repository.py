@@ -153,11 +153,11 @@ async def test_catalog_finds_versions_published_after_its_last_refresh(tmp_path)
     await catalog.triton.close()
 
 
-def test_instance_count_defaults_to_two_per_gpu_and_one_on_the_cpu(tmp_path):
+def test_instance_count_defaults_to_several_per_gpu_and_one_on_the_cpu(tmp_path):
     no_gpu, gpus = tmp_path / "none", tmp_path / "gpus"
     (gpus / "0000:01:00.0").mkdir(parents=True)
     assert default_instance_count("KIND_AUTO", no_gpu) == 1
-    assert default_instance_count("KIND_AUTO", gpus) == 2 and default_instance_count("KIND_GPU", gpus) == 2
+    assert default_instance_count("KIND_AUTO", gpus) == 4 and default_instance_count("KIND_GPU", gpus) == 4
     assert default_instance_count("KIND_CPU", gpus) == 1
     here = 2 if Path("/proc/driver/nvidia/gpus").is_dir() else 1
     assert repository_for(Settings(data_dir=tmp_path)).config.instance_count == here

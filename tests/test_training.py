@@ -209,6 +209,9 @@ def test_each_strategy_trains(base, strategy_name):
     if strategy_name != engine.FEATURE_EXTRACTION:  # the final run ends its (compressed) schedule, not cut mid-way
         final = [p for p in seen if p.stage.endswith("on every example")]
         assert final and final[-1].step == final[-1].steps == result.metrics["steps"]
+        assert 0 < result.metrics["budget_share"] <= 1  # the folds' choice, recorded on the version
+    else:
+        assert "budget_share" not in result.metrics
     assert [p.fraction for p in seen] == sorted(p.fraction for p in seen)  # progress never goes back
     assert result.model.head.out_features == len(shapes.NOVEL_CLASSES)
     assert result.arch == ("resnet18" if strategy_name == engine.FROM_SCRATCH else base.arch)

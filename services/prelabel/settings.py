@@ -68,7 +68,7 @@ class Settings:
     triton_metrics_port: int = 0
     triton_startup_timeout_s: float = 180.0
     triton_instance_kind: str = "KIND_AUTO"  # KIND_CPU | KIND_GPU | KIND_AUTO
-    triton_instance_count: int = 0  # model instances per device; 0: 2 per GPU where there is one, else 1
+    triton_instance_count: int = 0  # model instances per device; 0: 4 per GPU where there is one, else 1
     triton_max_batch_size: int = 32
     triton_max_queue_delay_us: int = 2000
 

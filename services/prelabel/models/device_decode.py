@@ -51,7 +51,7 @@ def decode_batch(
     for batch in bounded(jpegs, lambda jpeg: jpeg[1], pixels_per_pass):  # one large image goes alone
         chunk = [i for i, _ in batch]
         done = []
-        for i, f in zip(chunk, _decode_jpegs([images[i] for i in chunk], device), strict=True):
+        for i, f in zip(chunk, decode_jpegs([images[i] for i in chunk], device), strict=True):
             if f is None:  # refused by nvJPEG (progressive, CMYK, corrupt...): the CPU path decides
                 out[i] = _on_cpu(images[i], preprocess, max_pixels[i], device)
             else:
@@ -62,7 +62,12 @@ def decode_batch(
 
 
 def _nvjpeg_pixels(content: bytes, max_pixels: int) -> int | None:
-    """The pixel count of an RGB or grey JPEG within the limit, from its header; None sends it to the CPU."""
+    """The pixel count of an RGB or grey JPEG within the limit, from its header; None sends it to the CPU.
+
+    A JPEG that does not end with its end-of-image marker goes to the CPU too: nvJPEG decodes a
+    truncated file without complaint (grey where the data stops), the CPU path rejects it."""
+    if not content[-4096:].rstrip(b"\0").endswith(b"\xff\xd9"):
+        return None
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -80,7 +85,7 @@ def _on_cpu(content: bytes, preprocess: Preprocess, max_pixels: int, device: tor
     return pixels if isinstance(pixels, ImageError) else torch.tensor(pixels, device=device)
 
 
-def _decode_jpegs(contents: list[bytes], device: torch.device) -> list[torch.Tensor | None]:
+def decode_jpegs(contents: list[bytes], device: torch.device) -> list[torch.Tensor | None]:
     """uint8 ``[3, H, W]`` per JPEG, in one batched call; on failure image by image, None where refused."""
     data = [torch.frombuffer(bytearray(c), dtype=torch.uint8) for c in contents]
     try:
@@ -98,23 +103,32 @@ def _decode_jpegs(contents: list[bytes], device: torch.device) -> list[torch.Ten
 
 def resize_crop(images: list[torch.Tensor], preprocess: Preprocess) -> list[torch.Tensor]:
     """uint8 ``[3, H, W]`` images to uint8 ``[crop, crop, 3]``: the central square that the model sees,
-    resized with antialiasing (as Pillow does). Images of the same size are resized together, one
-    tensor operation per size (photos from one camera share theirs)."""
+    resized with antialiasing (as Pillow does).
+
+    On a GPU this step costs kernel launches, not arithmetic (an H200 profile: 6 ms for 64 photos
+    against 4.5 ms to decode them), so images of the same size are resized together, each result is
+    written into one float batch, and rounding and the conversion to uint8 run once for the batch."""
+    if not images:
+        return []
+    crop = preprocess.crop
     groups: dict[tuple[int, int], list[int]] = defaultdict(list)
     for n, image in enumerate(images):
         groups[(image.shape[1], image.shape[2])].append(n)
     mode = preprocess.interpolation if preprocess.interpolation in ("bilinear", "bicubic") else "nearest"
-    out: dict[int, torch.Tensor] = {}
+    batch = torch.empty((len(images), 3, crop, crop), device=images[0].device)
     for (height, width), members in groups.items():
-        side = preprocess.crop * min(height, width) / preprocess.resize  # the crop, in the image's own pixels
+        side = crop * min(height, width) / preprocess.resize  # the crop, in the image's own pixels
         s = max(1, round(side))
         top, left = round((height - side) / 2), round((width - side) / 2)
-        x = torch.stack([images[n][:, top : top + s, left : left + s] for n in members]).float()
+        squares = [images[n][:, top : top + s, left : left + s] for n in members]
+        x = (torch.stack(squares) if len(squares) > 1 else squares[0][None]).float()
         if mode == "nearest":
-            y = F.interpolate(x, size=(preprocess.crop, preprocess.crop), mode="nearest")
+            y = F.interpolate(x, size=(crop, crop), mode="nearest")
         else:
-            y = F.interpolate(x, size=(preprocess.crop, preprocess.crop), mode=mode, antialias=True,
-                              align_corners=False)  # fmt: skip
-        y = y.round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
-        out.update(zip(members, y, strict=True))
-    return [out[n] for n in range(len(images))]
+            y = F.interpolate(x, size=(crop, crop), mode=mode, antialias=True, align_corners=False)
+        if len(members) == len(images):
+            batch = y
+        else:
+            for k, n in enumerate(members):
+                batch[n] = y[k]
+    return list(batch.round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1))

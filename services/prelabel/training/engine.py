@@ -366,6 +366,8 @@ def train(
     }
     if chosen == FEATURE_EXTRACTION:  # the head's setting, chosen out of fold (training/head.py)
         metrics["head_penalty"], metrics["head_emphasis"] = fe_setting.penalty, fe_setting.emphasis
+    elif recipe is not None:  # how much of its budget the folds chose: why a run was short or long
+        metrics["budget_share"] = best_step / recipe.steps
     if threshold.value is None:
         needed = calibration.labels_needed(confidence, correct, config.target_precision, 1 - config.confidence)
         metrics["auto_accept_labels_needed"] = float(needed) if needed else math.nan

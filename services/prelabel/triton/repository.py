@@ -156,11 +156,15 @@ class ModelRepository:
         return True
 
 
+GPU_INSTANCES = 4  # per GPU: ResNet-50 photos/s on an H200 with 1, 2, 4 instances: 2,434, 4,190, 5,433
+
+
 def default_instance_count(kind: str, gpus: Path = Path("/proc/driver/nvidia/gpus")) -> int:
-    """Two instances per GPU where this machine has one, so that one decodes and copies while the other
-    computes; one on the CPU, where torch already spreads each batch over every core."""
+    """Several instances per GPU where this machine has one: each spends most of a batch on the CPU
+    (launching decode, resize and network kernels), so others keep the card busy meanwhile; one on
+    the CPU, where torch already spreads each batch over every core."""
     has_gpu = gpus.is_dir() and any(gpus.iterdir())
-    return 2 if has_gpu and kind != "KIND_CPU" else 1
+    return GPU_INSTANCES if has_gpu and kind != "KIND_CPU" else 1
 
 
 def repository_for(settings: Settings) -> ModelRepository:
