@@ -439,7 +439,8 @@ def _crossfit_deep(base: Base, strategy: str, k: int, examples: data.Examples, f
     length = max(len(r["losses"]) for r in runs)
     curves = torch.tensor([r["losses"] + [r["losses"][-1]] * (length - len(r["losses"])) for r in runs])
     sizes = torch.tensor([float(len(f)) for f in folds])
-    best = int(torch.argmin((curves * sizes[:, None]).sum(0)))
+    skip = min(recipe.warmup_evals, length - 1)  # never a point within the warm-up (Recipe.warmup_evals)
+    best = skip + int(torch.argmin((curves[:, skip:] * sizes[:, None]).sum(0)))
     oof = torch.zeros(len(examples), n_classes)
     for r, held in zip(runs, folds, strict=True):
         oof[held] = r["logits"][min(best, len(r["logits"]) - 1)]

@@ -8,7 +8,7 @@ engine finds the share of the budget where the loss averaged over all cross-fitt
 lowest, so the choice rests on every labelled example, not on a 30-image split, and trains the
 final model on every example for that share of its own budget (``shortened``). A fold stops
 early only when its smoothed held-out loss has not improved for 30 % of the run, after at least
-half of it.
+half of it; evaluations during the warm-up count for neither (``Recipe.warmup_evals``).
 """
 
 from __future__ import annotations
@@ -57,6 +57,15 @@ class Recipe:
     @property
     def eval_steps(self) -> list[int]:
         return sorted({max(1, round(self.steps * i / EVALS)) for i in range(1, EVALS + 1)})
+
+    @property
+    def warmup_evals(self) -> int:
+        """Evaluations made during the warm-up: not candidates for the best point of a run. The first
+        is of a barely trained model, and the loss often spikes far above it as the learning rate
+        rises (from scratch, hopper-colour: 2.0, then 122 and 298); smoothed, that start would look
+        best for many evaluations and stop the run at half its budget."""
+        warm = max(1, round(self.steps * self.warmup))
+        return sum(1 for step in self.eval_steps if step <= warm)
 
     def rate(self, step: int) -> float:
         """The learning-rate factor at ``step``: linear warm-up, then cosine decay to zero."""
@@ -227,7 +236,7 @@ def fit(
                 stages.keep_frozen_in_eval(frozen)
             report(run.steps_done, float(total) / max(seen, 1), accuracy, seen / max(time.monotonic() - since, 1e-6))
             total, seen, since = torch.zeros((), device=device), 0, time.monotonic()
-            if held_out is not None and _stale(run.losses):
+            if held_out is not None and _stale(run.losses[recipe.warmup_evals :]):
                 break
         if save and time.monotonic() - last_save >= save_every_s:
             save(state())
@@ -248,7 +257,10 @@ def resident(data: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 def _stale(losses: list[float]) -> bool:
-    """Early stopping that a small held-out set cannot fool: smoothed, late, and after a long wait."""
+    """Early stopping that a small held-out set cannot fool: smoothed, late, and after a long wait.
+    ``losses`` are those after the warm-up (``Recipe.warmup_evals``)."""
+    if not losses:
+        return False
     smooth = _smoothed(losses)
     best = min(range(len(smooth)), key=smooth.__getitem__)
     return len(smooth) >= EVALS // 2 and len(smooth) - 1 - best >= round(0.3 * EVALS)
