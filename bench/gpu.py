@@ -131,7 +131,7 @@ def raw_training(arch: str, size: int, batch: int, device: torch.device, steps: 
         with torch.autocast("cuda", dtype=amp or torch.float16, enabled=amp is not None):
             loss = F.cross_entropy(model(x)[0], labels[index])
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        torch.autograd.backward(loss)
         optimizer.step()
 
     for i in range(3):  # warm-up (cuDNN picks its algorithms)

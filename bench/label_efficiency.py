@@ -37,6 +37,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -83,9 +84,9 @@ def task(name: str, per_class_pool: int, seed: int) -> tuple[Images, list[str], 
         return ([images[i] for i in pool_index], [str(labels[i]) for i in pool_index],
                 [images[i] for i in test_index], [str(labels[i]) for i in test_index], 32)  # fmt: skip
     t = photos.TASKS[name]
-    pool, y = t.sample(per_class_pool, seed + 1)
-    test, ty = t.sample(TEST_PER_CLASS, seed + 1000)
-    return pool, y, test, ty, photos.CROP
+    pool, pool_labels = t.sample(per_class_pool, seed + 1)
+    test, test_labels = t.sample(TEST_PER_CLASS, seed + 1000)
+    return pool, pool_labels, test, test_labels, photos.CROP
 
 
 def subset(labels: list[str], per_class: int, seed: int) -> list[int]:
@@ -97,7 +98,7 @@ def subset(labels: list[str], per_class: int, seed: int) -> list[int]:
     return sorted(chosen)
 
 
-def handmade(images: list[Image.Image]) -> np.ndarray:
+def handmade(images: list[Image.Image]) -> np.ndarray[Any, Any]:
     """Grey-level histogram, colour moments, gradient magnitude histogram and orientation histogram."""
     rows = []
     for image in images:
@@ -148,7 +149,7 @@ def baseline_resnet18(train: list[Image.Image], y: list[str], test: list[Image.I
                 x = x.flip(3)
             loss = F.cross_entropy(model(x)[0], train_set.labels[index].to(x.device))
             optimizer.zero_grad()
-            loss.backward()
+            torch.autograd.backward(loss)
             optimizer.step()
             schedule.step()
     model.eval()
