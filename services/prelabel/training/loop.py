@@ -64,12 +64,15 @@ class Recipe:
         is of a barely trained model, and the loss often spikes far above it as the learning rate
         rises (from scratch, hopper-colour: 2.0, then 122 and 298); smoothed, that start would look
         best for many evaluations and stop the run at half its budget."""
-        warm = max(1, round(self.steps * self.warmup))
-        return sum(1 for step in self.eval_steps if step <= warm)
+        return sum(1 for step in self.eval_steps if step <= self.warmup_steps)
+
+    @property
+    def warmup_steps(self) -> int:
+        return max(1, round(self.steps * self.warmup))
 
     def rate(self, step: int) -> float:
         """The learning-rate factor at ``step``: linear warm-up, then cosine decay to zero."""
-        warm = max(1, round(self.steps * self.warmup))
+        warm = self.warmup_steps
         if step < warm:
             return (step + 1) / warm
         return 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, self.steps - warm)))
@@ -259,11 +262,11 @@ def resident(data: torch.Tensor, device: torch.device) -> torch.Tensor:
 def _stale(losses: list[float]) -> bool:
     """Early stopping that a small held-out set cannot fool: smoothed, late, and after a long wait.
     ``losses`` are those after the warm-up (``Recipe.warmup_evals``)."""
-    if not losses:
+    if len(losses) < EVALS // 2:
         return False
     smooth = _smoothed(losses)
     best = min(range(len(smooth)), key=smooth.__getitem__)
-    return len(smooth) >= EVALS // 2 and len(smooth) - 1 - best >= round(0.3 * EVALS)
+    return len(smooth) - 1 - best >= round(0.3 * EVALS)
 
 
 def strategy_model(base_model: backbones.Classifier, base_arch: str, family: str, strategy: str, classes: int,
