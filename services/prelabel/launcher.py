@@ -1,6 +1,7 @@
 """Runs Prelabel's processes: ``serve`` (everything), ``gateway`` and ``triton`` (each part alone).
 
-``serve`` also starts ``trainer_workers`` trainer processes (:mod:`prelabel.training.pool`).
+``serve`` also starts ``trainer_workers`` trainer processes (:mod:`prelabel.training.pool`), and
+with ``gateway_workers`` > 1 that many gateway processes on one port (:mod:`prelabel.gateway.workers`).
 
 Modelled on vLLM's ``entrypoints/launcher.py``: SIGTERM and SIGINT are handled by the event loop and
 start an orderly shutdown (health NOT_SERVING, in-flight calls finish within the grace period, then
@@ -11,13 +12,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 
-from prelabel.errors import PrelabelError, Unavailable
+from prelabel.errors import InvalidArgument, PrelabelError, Unavailable
 from prelabel.gateway.server import Gateway, start_gateway
+from prelabel.gateway.workers import GatewayWorkers, start_workers
 from prelabel.metrics import serve_metrics
+from prelabel.processes import ProcessPool
 from prelabel.settings import Settings
-from prelabel.training.pool import TrainerPool
+from prelabel.training.pool import trainer_pool
 from prelabel.triton.defaults import ensure_default_model
 from prelabel.triton.repository import repository_for
 from prelabel.triton.supervisor import Ports, TritonSupervisor, free_port
@@ -68,31 +72,46 @@ async def _start_gateway(settings: Settings, triton_url: str) -> tuple[Gateway, 
             f"cannot listen on {settings.grpc_host}:{settings.grpc_port} ({exc}); "
             "choose another port with --grpc-port or PRELABEL_GRPC_PORT"
         ) from exc
+    if settings.ready_file is not None:  # a worker of `serve`, which waits for this file
+        settings.ready_file.write_text(f"{os.getpid()}\n")
     if settings.metrics_port < 0:
         return gateway, None
     return gateway, serve_metrics(settings.metrics_port, settings.metrics_address)
 
 
-def _announce(settings: Settings, gateway: Gateway | None, metrics_port: int | None, triton: str) -> None:
+async def _start_workers(settings: Settings, triton_url: str) -> tuple[GatewayWorkers, int | None]:
+    workers = await start_workers(settings, triton_url)
+    if settings.metrics_port < 0:
+        return workers, None
+    return workers, serve_metrics(settings.metrics_port, settings.metrics_address, workers.registry(settings))
+
+
+def _announce(settings: Settings, port: int | None, metrics_port: int | None, triton: str) -> None:
     lines = []
-    if gateway is not None:
+    if port is not None:
         security = "mutual TLS" if settings.tls_client_ca_file else "TLS" if settings.tls_cert_file else "plaintext"
         tokens = ", bearer tokens required" if settings.auth_tokens_file else ""
-        lines.append(f"Prelabel gateway listening on {settings.grpc_host}:{gateway.port} (gRPC, {security}{tokens})")
+        workers = f", {settings.gateway_workers} processes" if settings.gateway_workers > 1 else ""
+        lines.append(f"Prelabel gateway listening on {settings.grpc_host}:{port} (gRPC, {security}{tokens}{workers})")
     if metrics_port is not None:
         lines.append(f"metrics on http://{settings.metrics_address}:{metrics_port}/metrics")
     lines.append(f"Triton at {triton}")
     lines.append(f"data in {settings.data_dir}")
-    print("; ".join(lines), flush=True)
+    if settings.ready_file is None:
+        print("; ".join(lines), flush=True)
+    else:  # a gateway worker: its parent announces the port for all of them
+        log.info("worker pid %d: %s", os.getpid(), lines[0])
 
 
 async def serve(settings: Settings, parts: str = "all") -> None:
     """``parts``: ``all`` (Triton embedded unless triton_url is set), ``gateway`` or ``triton``."""
     stop = _stop_event()
     supervisor: TritonSupervisor | None = None
-    trainers: TrainerPool | None = None
-    gateway: Gateway | None = None
+    trainers: ProcessPool | None = None
+    gateway: Gateway | GatewayWorkers | None = None
     metrics_port: int | None = None
+    if settings.gateway_workers < 1:
+        raise InvalidArgument(f"gateway_workers must be at least 1, not {settings.gateway_workers}")
     try:
         if parts == "triton" or (parts == "all" and settings.embedded_triton):
             supervisor = await _start_triton(settings)
@@ -100,13 +119,13 @@ async def serve(settings: Settings, parts: str = "all") -> None:
         if parts in ("all", "gateway"):
             if not triton_url:
                 raise Unavailable("the gateway needs a Triton: pass --triton-url HOST:PORT or set PRELABEL_TRITON_URL")
-            gateway, metrics_port = await _start_gateway(settings, triton_url)
+            start = _start_gateway if settings.gateway_workers == 1 else _start_workers
+            gateway, metrics_port = await start(settings, triton_url)
         if parts == "all" and settings.trainer_workers > 0:
-            trainers = TrainerPool(settings, triton_url)
+            trainers = trainer_pool(settings, triton_url)
             trainers.start()
-        _announce(
-            settings, gateway, metrics_port, triton_url + (f" (metrics {supervisor.metrics_url})" if supervisor else "")
-        )
+        triton = triton_url + (f" (metrics {supervisor.metrics_url})" if supervisor else "")
+        _announce(settings, gateway.port if gateway else None, metrics_port, triton)
         await stop.wait()
         log.info("shutting down: finishing in-flight calls (grace %.0fs)", settings.grace_period_s)
     finally:

@@ -31,10 +31,14 @@ RPC_LATENCY = Histogram(
     buckets=LATENCY_BUCKETS,
     registry=REGISTRY,
 )
-IN_FLIGHT = Gauge("prelabel_grpc_in_flight_requests", "gRPC calls being handled now.", ["method"], registry=REGISTRY)
+# multiprocess_mode: how gateway workers' values add up (prelabel.gateway.workers); one process ignores it
+IN_FLIGHT = Gauge(
+    "prelabel_grpc_in_flight_requests", "gRPC calls being handled now.", ["method"], registry=REGISTRY,
+    multiprocess_mode="livesum",
+)  # fmt: skip
 OPEN_STREAMS = Gauge(
     "prelabel_grpc_open_streams", "Streaming gRPC calls open now (PredictStream, WatchJob...).", ["method"],
-    registry=REGISTRY,
+    registry=REGISTRY, multiprocess_mode="livesum",
 )  # fmt: skip
 IMAGES = Counter("prelabel_images_predicted", "Images that got a prediction, by model.", ["model"], registry=REGISTRY)
 IMAGE_BYTES = Counter("prelabel_image_bytes", "Encoded image bytes received for prediction.", registry=REGISTRY)
@@ -51,7 +55,10 @@ TRITON_LATENCY = Histogram(
 TRITON_ERRORS = Counter(
     "prelabel_triton_errors", "Failed calls to Triton, by status code.", ["code"], registry=REGISTRY
 )
-TRITON_UP = Gauge("prelabel_triton_up", "1 while Triton answers and the default model is ready.", registry=REGISTRY)
+TRITON_UP = Gauge(
+    "prelabel_triton_up", "1 while Triton answers and the default model is ready.", registry=REGISTRY,
+    multiprocess_mode="livemin",  # with several gateway workers: 0 as soon as one of them finds Triton down
+)  # fmt: skip
 TRITON_RESTARTS = Counter(
     "prelabel_triton_restarts", "Times the embedded Triton was restarted after exiting.", registry=REGISTRY
 )
@@ -129,9 +136,9 @@ def watch(name: str, collector: Collector) -> None:
     REGISTRY.register(collector)
 
 
-def serve_metrics(port: int, host: str) -> int:
+def serve_metrics(port: int, host: str, registry: CollectorRegistry = REGISTRY) -> int:
     """Expose ``/metrics`` on ``host:port`` (0 picks a port); returns the port."""
-    server, _ = start_http_server(port, addr=host, registry=REGISTRY)
+    server, _ = start_http_server(port, addr=host, registry=registry)
     return int(server.server_port)
 
 

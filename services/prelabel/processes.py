@@ -1,4 +1,4 @@
-"""Child processes that ``prelabel serve`` keeps running (Triton, trainers): start, watch, restart, clean up.
+"""Child processes that ``prelabel serve`` keeps running (Triton, trainers, gateway workers): start, watch, restart.
 
 Every child is started in a session (and so a process group) of its own, dies with its parent
 (``PR_SET_PDEATHSIG``), and is restarted with exponential back-off. Its exit is seen by polling its
@@ -17,7 +17,9 @@ import ctypes.util
 import logging
 import os
 import signal
+import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 log = logging.getLogger("prelabel.processes")
@@ -112,3 +114,59 @@ async def kill_group(pgid: int, what: str, timeout_s: float = 5.0) -> None:
             pass
         except OSError as exc:
             log.warning("could not remove %s, left by %s: %s", region, what, exc)
+
+
+class ProcessPool:
+    """``count`` copies of one ``prelabel`` command, each restarted with back-off when it exits unexpectedly.
+
+    Children are fresh interpreters (never forked: the parent's gRPC threads must not be), configured
+    through ``env``, dying with the parent; their log lines go to the parent's standard error.
+    ``on_exit(pid)`` runs after a child has exited, before it is restarted.
+    """
+
+    def __init__(self, what: str, command: list[str], env: Callable[[int], dict[str, str]], count: int,
+                 on_exit: Callable[[int], None] | None = None) -> None:  # fmt: skip
+        self.what, self.command, self.env, self.count, self.on_exit = what, command, env, count, on_exit
+        self._tasks: list[asyncio.Task[None]] = []
+        self.processes: dict[int, asyncio.subprocess.Process] = {}
+        self._stopping = False
+
+    def start(self) -> None:
+        for n in range(self.count):
+            self._tasks.append(asyncio.create_task(self._keep_running(n), name=f"{self.what}-{n}"))
+
+    async def _keep_running(self, n: int) -> None:
+        backoff = Backoff()
+        while not self._stopping:
+            started = time.monotonic()
+            process = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "prelabel.cli.main", *self.command,
+                env=self.env(n), stdin=asyncio.subprocess.DEVNULL, preexec_fn=die_with_parent,
+                start_new_session=True,  # a terminal's Ctrl-C reaches us; we stop the children in order
+            )  # fmt: skip
+            self.processes[n] = process
+            log.info("%s %d started (pid %d)", self.what, n, process.pid)
+            code = await wait_exit(process)
+            if self.on_exit is not None:
+                self.on_exit(process.pid)
+            if self._stopping:
+                return
+            await kill_group(process.pid, f"{self.what} {n}")
+            delay = backoff.after_run(time.monotonic() - started)
+            log.error("%s %d exited unexpectedly (code %s); restarting in %.0fs", self.what, n, code, delay)
+            await asyncio.sleep(delay)
+
+    async def stop(self, grace_s: float) -> None:
+        """SIGTERM to every child (each finishes its work in order); SIGKILL after ``grace_s``."""
+        self._stopping = True
+        for process in self.processes.values():
+            if process.returncode is None:
+                process.send_signal(signal.SIGTERM)
+        for process in self.processes.values():
+            if await wait_exit(process, grace_s) is None:
+                log.warning("%s pid %d did not stop within %.0fs; killing it", self.what, process.pid, grace_s)
+            await kill_group(process.pid, f"{self.what} pid {process.pid}")
+        for task in self._tasks:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task

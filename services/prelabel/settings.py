@@ -37,6 +37,8 @@ class Settings:
     metrics_port: int = 9400  # 0 picks a free port; -1 disables /metrics
     metrics_host: str = ""  # where /metrics listens; empty: where gRPC listens (grpc_host)
     grace_period_s: float = 10.0  # in-flight calls get this long to finish on SIGTERM
+    gateway_workers: int = 1  # gateway processes sharing the gRPC port (SO_REUSEPORT); more on GPU machines
+    ready_file: Path | None = None  # written once the gateway listens (serve waits on its workers' files)
 
     # Security: TLS when cert and key are set, mutual TLS with a client CA; bearer tokens from a file
     tls_cert_file: Path | None = None
@@ -159,6 +161,13 @@ class Settings:
             if raw is not None:
                 values[f.name] = _parse(f.name, str(f.type), raw)
         return cls(**values).replace(**overrides)
+
+    def environment(self) -> dict[str, str]:
+        """Every setting as ``PRELABEL_*`` variables: a child process's :meth:`from_env` reads back these settings."""
+        return {
+            f"PRELABEL_{f.name.upper()}": "" if (value := getattr(self, f.name)) is None else str(value)
+            for f in fields(self)
+        }
 
     @staticmethod
     def env_table() -> list[tuple[str, str]]:

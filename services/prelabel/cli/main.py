@@ -38,6 +38,10 @@ def _gateway_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--metrics-port", type=int, help="Prometheus port, 0 free, -1 off (PRELABEL_METRICS_PORT, 9400)"
     )
+    parser.add_argument(
+        "--gateway-workers", type=int,
+        help="gateway processes sharing the gRPC port, for GPU machines (PRELABEL_GATEWAY_WORKERS, default 1)",
+    )  # fmt: skip
 
 
 def _client_flags(parser: argparse.ArgumentParser) -> None:

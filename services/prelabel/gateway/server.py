@@ -88,6 +88,7 @@ async def start_gateway(settings: Settings, triton_url: str, refresh_period_s: f
         options=[
             ("grpc.max_receive_message_length", settings.max_message_bytes),
             ("grpc.max_send_message_length", settings.max_message_bytes),
+            ("grpc.so_reuseport", 1),  # gateway workers share the port (prelabel.gateway.workers); Linux's default
         ],
     )
     rpc.add_PredictionServiceServicer_to_server(PredictionServicer(Predictor(settings, catalog, triton)), server)
