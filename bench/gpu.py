@@ -12,8 +12,9 @@ Measures, with the same network (random weights, 1000 classes, saved to a weight
 2. the in-process pipeline: ``Runner.run`` on the encoded JPEGs (decode + forward), with nvJPEG on the
    device and with Pillow on the CPU;
 3. straight to Triton (``prelabel serve``'s embedded Triton, ``KIND_GPU`` instances) and 4. through
-   the gateway (``Predict``), alternated so that noise hits both alike: saturation (batch ``--batch``,
-   ``--concurrency`` clients) and batch 1 with one client (p50);
+   the gateway (``Predict``), and through ``--gateway-workers`` gateway processes on the same Triton,
+   alternated so that noise hits all alike: saturation (batch ``--batch``, ``--concurrency`` clients),
+   batch 1 with one client (p50), and mixed request sizes at full concurrency (p50, p99);
 5. training: a raw torch loop (AdamW, bf16 autocast, channels-last, resident pixels) against
    Prelabel's training loop (``loop.fit``, full fine-tune recipe), images/s.
 
@@ -27,12 +28,14 @@ import argparse
 import asyncio
 import importlib.util
 import io
+import itertools
 import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -194,35 +197,67 @@ def breakdown(runner: Runner, jpegs: list[bytes], device: torch.device, seconds:
     return out
 
 
-async def serving(stack: Stack, name: str, jpegs: list[bytes], args: argparse.Namespace) -> dict[str, float]:
-    """Straight to Triton and through the gateway, alternated: saturation rates and batch-1 p50s."""
+async def serving(stack: Stack, name: str, jpegs: list[bytes], args: argparse.Namespace,
+                  workers: Stack | None = None) -> dict[str, float]:  # fmt: skip
+    """Straight to Triton, through the gateway (and through ``workers``), alternated: saturation rates,
+    batch-1 p50s, and p50/p99 of mixed request sizes (1 to ``--batch`` images) at full concurrency.
+
+    Each client has a connection of its own (several gateway processes share connections, not calls),
+    and the requests are built once, so that the client process measures servers, not protobuf.
+    """
     triton = TritonClient(stack.triton_url)
-    channel = grpc.aio.insecure_channel(stack.address, options=[("grpc.max_send_message_length", 256 * 2**20)])
-    stub = rpc.PredictionServiceStub(channel)
+    options = [("grpc.max_send_message_length", 256 * 2**20), ("grpc.use_local_subchannel_pool", 1)]
+    paths: dict[str, Stack] = {"gateway": stack, **({"workers": workers} if workers else {})}
+    channels = {label: [grpc.aio.insecure_channel(s.address, options=options) for _ in range(args.concurrency)]
+                for label, s in paths.items()}  # fmt: skip
+    stubs = {label: itertools.cycle([rpc.PredictionServiceStub(c) for c in cs]) for label, cs in channels.items()}
+    requests: dict[int, pb.PredictRequest] = {}
+
+    def predict(label: str) -> Callable[[list[bytes]], Awaitable[None]]:
+        async def call(batch: list[bytes]) -> None:
+            key = id(batch)
+            if key not in requests:
+                requests[key] = pb.PredictRequest(model=name, images=[pb.Image(content=c) for c in batch])
+            await next(stubs[label]).Predict(requests[key], timeout=120)
+
+        return call
 
     async def direct(batch: list[bytes]) -> None:
         await triton.infer(name, "", batch, False, 120)
 
-    async def gateway(batch: list[bytes]) -> None:
-        await stub.Predict(pb.PredictRequest(model=name, images=[pb.Image(content=c) for c in batch]), timeout=120)
-
-    for call in (direct, gateway):
+    calls = {"direct": direct, **{label: predict(label) for label in paths}}
+    sizes = [n for n in (1, 4, 16, 64) if n <= args.batch]
+    mixed_batches = [jpegs[i : i + n] for i, n in enumerate(sizes * 8)]
+    for call in calls.values():
         await load(call, jpegs[: args.batch], 2, 2.0)
-    rates: dict[str, list[float]] = {"direct": [], "gateway": []}
-    latencies: dict[str, list[float]] = {"direct": [], "gateway": []}
+    rates: dict[str, list[float]] = {label: [] for label in calls}
+    latencies: dict[str, list[float]] = {label: [] for label in calls}
+    mixed: dict[str, list[float]] = {label: [] for label in calls}
     for r in range(args.rounds):
-        for label, call in (("direct", direct), ("gateway", gateway)):
+        for label, call in calls.items():
             offset = (r * args.batch) % max(1, len(jpegs) - args.batch)
-            rate, _ = await load(call, jpegs[offset : offset + args.batch], args.concurrency, args.seconds)
+            batch = jpegs[offset : offset + args.batch]
+            rate, _ = await load(call, batch, args.concurrency, args.seconds)
             rates[label].append(rate)
             _, lat = await load(call, jpegs[r : r + 1], 1, args.seconds / 2)
             latencies[label].extend(lat)
-    await channel.close()
+            picks = iter(itertools.cycle(mixed_batches))
+
+            async def any_size(_: list[bytes], call=call, picks=picks) -> None:  # type: ignore[no-untyped-def]
+                await call(next(picks))
+
+            _, lat = await load(any_size, batch, args.concurrency, args.seconds / 2)
+            mixed[label].extend(lat)
+    for cs in channels.values():
+        for c in cs:
+            await c.close()
     await triton.close()
-    return {
-        "direct": statistics.median(rates["direct"]), "gateway": statistics.median(rates["gateway"]),
-        "direct_p50": pct(latencies["direct"], 50), "gateway_p50": pct(latencies["gateway"], 50),
-    }  # fmt: skip
+    result = {}
+    for label in calls:
+        result[label] = statistics.median(rates[label])
+        result[f"{label}_p50"] = pct(latencies[label], 50)
+        result[f"{label}_mixed_p50"], result[f"{label}_mixed_p99"] = pct(mixed[label], 50), pct(mixed[label], 99)
+    return result
 
 
 def main() -> None:
@@ -237,6 +272,8 @@ def main() -> None:
     parser.add_argument("--train-steps", type=int, default=60)
     parser.add_argument("--instances", type=int, nargs="+", default=[0],
                         help="Triton instances per GPU, one server each; the table shows the first (0: the default)")
+    parser.add_argument("--gateway-workers", type=int, default=4,
+                        help="also measure a `prelabel gateway` with this many processes on the same Triton (1: not)")
     parser.add_argument("--quick", action="store_true", help="tiny settings: checks that the script works")
     args = parser.parse_args()
     if args.quick:
@@ -263,6 +300,7 @@ def main() -> None:
                            triton_max_batch_size=args.batch, max_images_per_request=max(64, args.batch))  # fmt: skip
 
     stack = serve(args.instances[0])
+    workers: Stack | None = None
     try:
         wait_for_health(stack.address, timeout=600)
         version = data_dir / "models" / name / "1"
@@ -277,10 +315,17 @@ def main() -> None:
             print(f"in process, {label}: {pipeline[label]:,.0f} images/s", flush=True)
         runner.decode_on_device = True
         breakdown(runner, jpegs[: args.batch], device, args.seconds)
-        served = asyncio.run(serving(stack, name, jpegs, args))
+        if args.gateway_workers > 1:
+            flags = ["--triton-url", stack.triton_url, "--gateway-workers", str(args.gateway_workers)]
+            workers = Stack.serve(data_dir / "workers", "gateway", flags, model_repository=data_dir / "models",
+                                  default_model=name, max_images_per_request=max(64, args.batch))  # fmt: skip
+            wait_for_health(workers.address, timeout=120)
+        served = asyncio.run(serving(stack, name, jpegs, args, workers))
         print(f"served, instances {args.instances[0]}: {served}", flush=True)
         print(f"GPU memory: {gpu_memory()}", flush=True)
     finally:
+        if workers is not None:
+            workers.stop()
         stack.stop()
     for count in args.instances[1:]:  # the same serving measurements with other instance counts
         stack = serve(count)
@@ -302,6 +347,8 @@ def main() -> None:
         ("straight to Triton", served["direct"], served["direct_p50"]),
         ("through the gateway", served["gateway"], served["gateway_p50"]),
     ]
+    if "workers" in served:
+        rows.append((f"through {args.gateway_workers} gateway processes", served["workers"], served["workers_p50"]))
     print(f"\n| path | images/s (batch {args.batch}, {args.concurrency} clients) | batch 1 p50 ms |\n|---|---|---|")
     for label, rate, p50 in rows:
         print(f"| {label} | {rate:,.0f} | {'' if p50 is None else f'{p50:.1f}'} |")
@@ -311,8 +358,17 @@ def main() -> None:
     print(f"| gateway / raw torch | {served['gateway'] / raw:.2f} | >= 0.70 |")
     print(f"| gateway / straight to Triton | {served['gateway'] / served['direct']:.2f} | >= 0.95 |")
     print(f"| batch-1 p50 added by the gateway | {served['gateway_p50'] - served['direct_p50']:+.2f} ms | <= 1 ms |")
+    if "workers" in served:
+        w = args.gateway_workers
+        print(f"| {w} gateway processes / raw torch | {served['workers'] / raw:.2f} | >= 0.70 |")
+        print(f"| {w} gateway processes / straight to Triton | {served['workers'] / served['direct']:.2f} | >= 0.95 |")
     print(f"| Prelabel training / raw training | {ours_train / raw_train:.2f} | >= 0.60 |")
     print(f"| in-process nvJPEG / Pillow | {pipeline['nvJPEG'] / pipeline['Pillow']:.2f} | |")
+    print(f"\nMixed request sizes ({', '.join(map(str, [n for n in (1, 4, 16, 64) if n <= args.batch]))} images),"
+          f" {args.concurrency} clients: p50 / p99 ms")
+    for label in ("direct", "gateway", "workers"):
+        if label in served:
+            print(f"| {label} | {served[f'{label}_mixed_p50']:.1f} / {served[f'{label}_mixed_p99']:.1f} |")
 
 
 if __name__ == "__main__":
