@@ -88,7 +88,7 @@ def test_kill_9_mid_training_resumes_from_checkpoints_and_publishes_once(tmp_pat
     prepare(tmp_path, "crash")
     queue = open_queue(queue_url)
     job = queue.submit(JobSpec(dataset="crash", base_model="prelabel-base", output_model="crash",
-                               strategy=engine.FROM_SCRATCH, epochs=60), max_attempts=6)  # fmt: skip
+                               strategy=engine.FROM_SCRATCH, epochs=40), max_attempts=6)  # fmt: skip
     saved = tmp_path / "checkpoints" / job.id / "training.pt"
     reached = 0.0
     for _ in range(3):
@@ -105,7 +105,8 @@ def test_kill_9_mid_training_resumes_from_checkpoints_and_publishes_once(tmp_pat
         final.stop()
     assert done.state == SUCCEEDED, done.error
     assert done.attempts == 4 and done.result["model_version"] == "1"
-    assert done.metrics["resumed_from_step"] >= 40  # resumed, not restarted from zero
+    # Resumed, not restarted from zero: three kills, each after 8 % more progress of about 160 steps.
+    assert done.metrics["resumed_from_step"] >= 30
     repository = repository_for(Settings(data_dir=tmp_path))
     assert repository.versions("crash") == [1] and published_by(repository, "crash", job.id) == 1
     assert not (tmp_path / "checkpoints" / job.id).exists()
