@@ -15,10 +15,10 @@ import logging
 import os
 import signal
 
+from prelabel import metrics
 from prelabel.errors import InvalidArgument, PrelabelError, Unavailable
-from prelabel.gateway.server import Gateway, start_gateway
+from prelabel.gateway.server import Gateway, cannot_listen, start_gateway
 from prelabel.gateway.workers import GatewayWorkers, start_workers
-from prelabel.metrics import serve_metrics
 from prelabel.processes import ProcessPool
 from prelabel.settings import Settings
 from prelabel.training.pool import trainer_pool
@@ -64,26 +64,23 @@ async def _start_triton(settings: Settings) -> TritonSupervisor:
     return supervisor
 
 
-async def _start_gateway(settings: Settings, triton_url: str) -> tuple[Gateway, int | None]:
-    try:
-        gateway = await start_gateway(settings, triton_url)
-    except RuntimeError as exc:  # grpc: "Failed to bind"
-        raise Unavailable(
-            f"cannot listen on {settings.grpc_host}:{settings.grpc_port} ({exc}); "
-            "choose another port with --grpc-port or PRELABEL_GRPC_PORT"
-        ) from exc
-    if settings.ready_file is not None:  # a worker of `serve`, which waits for this file
-        settings.ready_file.write_text(f"{os.getpid()}\n")
+async def _start_gateway(settings: Settings, triton_url: str) -> tuple[Gateway | GatewayWorkers, int | None]:
+    """One gateway in this process, or ``gateway_workers`` processes on one port; then ``/metrics``."""
+    gateway: Gateway | GatewayWorkers
+    if settings.gateway_workers > 1:
+        gateway = await start_workers(settings, triton_url)
+        registry = gateway.registry(settings)
+    else:
+        try:
+            gateway = await start_gateway(settings, triton_url)
+        except RuntimeError as exc:  # grpc: "Failed to bind"
+            raise cannot_listen(settings.grpc_host, settings.grpc_port, str(exc)) from exc
+        registry = metrics.REGISTRY
+        if settings.ready_file is not None:  # a worker of `serve`, which waits for this file
+            settings.ready_file.write_text(f"{os.getpid()}\n")
     if settings.metrics_port < 0:
         return gateway, None
-    return gateway, serve_metrics(settings.metrics_port, settings.metrics_address)
-
-
-async def _start_workers(settings: Settings, triton_url: str) -> tuple[GatewayWorkers, int | None]:
-    workers = await start_workers(settings, triton_url)
-    if settings.metrics_port < 0:
-        return workers, None
-    return workers, serve_metrics(settings.metrics_port, settings.metrics_address, workers.registry(settings))
+    return gateway, metrics.serve_metrics(settings.metrics_port, settings.metrics_address, registry)
 
 
 def _announce(settings: Settings, port: int | None, metrics_port: int | None, triton: str) -> None:
@@ -119,8 +116,7 @@ async def serve(settings: Settings, parts: str = "all") -> None:
         if parts in ("all", "gateway"):
             if not triton_url:
                 raise Unavailable("the gateway needs a Triton: pass --triton-url HOST:PORT or set PRELABEL_TRITON_URL")
-            start = _start_gateway if settings.gateway_workers == 1 else _start_workers
-            gateway, metrics_port = await start(settings, triton_url)
+            gateway, metrics_port = await _start_gateway(settings, triton_url)
         if parts == "all" and settings.trainer_workers > 0:
             trainers = trainer_pool(settings, triton_url)
             trainers.start()

@@ -18,6 +18,7 @@ from grpc_reflection.v1alpha import reflection
 
 from prelabel import metrics
 from prelabel.datasets.store import dataset_store
+from prelabel.errors import Unavailable
 from prelabel.gateway.catalog import ModelCatalog, ModelCollector
 from prelabel.gateway.datasets import Datasets
 from prelabel.gateway.interceptors import ErrorsAndMetrics
@@ -74,6 +75,13 @@ async def _watch_triton(catalog: ModelCatalog, health_servicer: health.aio.Healt
             )
             serving = now
         await asyncio.sleep(period_s)
+
+
+def cannot_listen(host: str, port: int, why: str) -> Unavailable:
+    """What to do when the gRPC port is taken (one gateway or several)."""
+    return Unavailable(
+        f"cannot listen on {host}:{port} ({why}); choose another port with --grpc-port or PRELABEL_GRPC_PORT"
+    )
 
 
 async def start_gateway(settings: Settings, triton_url: str, refresh_period_s: float = 1.0) -> Gateway:

@@ -27,6 +27,7 @@ from prometheus_client import CollectorRegistry, multiprocess
 from prelabel import metrics
 from prelabel.errors import Unavailable
 from prelabel.gateway.catalog import ModelCatalog, ModelCollector
+from prelabel.gateway.server import cannot_listen
 from prelabel.processes import ProcessPool
 from prelabel.queue import open_queue
 from prelabel.settings import Settings
@@ -47,10 +48,7 @@ def reserve_port(host: str, port: int) -> socket.socket:
         sock.bind(address)
     except OSError as exc:
         sock.close()
-        raise Unavailable(
-            f"cannot listen on {host}:{port} ({exc.strerror}); "
-            "choose another port with --grpc-port or PRELABEL_GRPC_PORT"
-        ) from exc
+        raise cannot_listen(host, port, str(exc.strerror)) from exc
     return sock
 
 
