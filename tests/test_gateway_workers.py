@@ -12,6 +12,7 @@ from pathlib import Path
 import grpc
 import pytest
 
+from prelabel.cli.client import channel_options
 from prelabel.errors import Unavailable
 from prelabel.gateway.workers import reserve_port
 from prelabel.settings import Settings
@@ -67,9 +68,11 @@ def scrape(url: str) -> str:
         return str(response.read().decode())
 
 
-def predict_on_fresh_connection(address: str, image: tuple[str, bytes], wait_for_ready: bool = False) -> grpc.Channel:
-    channel = grpc.insecure_channel(address, options=[("grpc.use_local_subchannel_pool", 1)])
-    reply = rpc.PredictionServiceStub(channel).Predict(request([image]), timeout=60, wait_for_ready=wait_for_ready)
+def predict_on_fresh_connection(address: str, image: tuple[str, bytes], our_client: bool = False) -> grpc.Channel:
+    """One Predict on a connection of its own; ``our_client``: with the CLI's channel options (its retry policy)."""
+    options = [("grpc.use_local_subchannel_pool", 1), *(channel_options() if our_client else [])]
+    channel = grpc.insecure_channel(address, options=options)
+    reply = rpc.PredictionServiceStub(channel).Predict(request([image]), timeout=60)
     assert reply.predictions[0].labels, reply
     return channel
 
@@ -100,13 +103,13 @@ def test_workers_share_the_port_serve_one_metrics_endpoint_and_are_restarted(sta
         assert "prelabel_queue_jobs" in text and "prelabel_triton_up 1.0" in text
 
         # A worker killed outright: the others keep serving, and it is replaced. A connection being
-        # accepted as it dies can be reset (here: 2 of 11 kills, 1 call each): clients that wait for
-        # ready (or retry UNAVAILABLE) reconnect to a live worker.
+        # accepted as it dies can be reset (seen in 2 of 11 kills, 1 call each): our clients retry
+        # UNAVAILABLE (prelabel.cli.client.channel_options) and reach a live worker.
         os.kill(workers[0], signal.SIGKILL)
         while alive(workers[0]):  # the signal is delivered asynchronously
             time.sleep(0.01)
         for _ in range(CALLS):
-            predict_on_fresh_connection(gateway.address, image, wait_for_ready=True).close()
+            predict_on_fresh_connection(gateway.address, image, our_client=True).close()
         deadline = time.monotonic() + 60
         while len(children(gateway.process.popen.pid)) < WORKERS and time.monotonic() < deadline:
             time.sleep(0.2)

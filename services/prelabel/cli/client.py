@@ -26,6 +26,37 @@ from prelabel.v1 import prelabel_pb2_grpc as rpc
 
 MAX_MESSAGE = 256 * 1024 * 1024
 
+# Calls that are safe to send again are retried on UNAVAILABLE, within the call's own deadline: a gateway
+# worker that dies resets the connections queued on it, and a gateway being rolled out or a Triton restart
+# answers UNAVAILABLE for a moment. CreateFineTuneJob is safe because our clients always set request_id;
+# UploadExamples (append) is not, so it is left out. grpc's service config, as in its retry example.
+RETRIED_ON_UNAVAILABLE = [
+    {"service": "prelabel.v1.PredictionService"},
+    {"service": "prelabel.v1.ModelService"},
+    {"service": "prelabel.v1.JobService"},
+    {"service": "prelabel.v1.DatasetService", "method": "GetDataset"},
+    {"service": "prelabel.v1.DatasetService", "method": "ListDatasets"},
+    {"service": "grpc.health.v1.Health"},
+]
+RETRY_POLICY = {
+    "maxAttempts": 5,
+    "initialBackoff": "0.1s",
+    "maxBackoff": "2s",
+    "backoffMultiplier": 2,
+    "retryableStatusCodes": ["UNAVAILABLE"],
+}
+
+
+def channel_options() -> list[tuple[str, Any]]:
+    """The options every Prelabel client channel uses (sync or aio): message limits and the retry policy."""
+    service_config = {"methodConfig": [{"name": RETRIED_ON_UNAVAILABLE, "retryPolicy": RETRY_POLICY}]}
+    return [
+        ("grpc.max_receive_message_length", MAX_MESSAGE),
+        ("grpc.max_send_message_length", MAX_MESSAGE),
+        ("grpc.enable_retries", 1),
+        ("grpc.service_config", json.dumps(service_config)),
+    ]
+
 
 def image_files(paths: list[Path]) -> list[Path]:
     found: list[Path] = []
@@ -95,7 +126,7 @@ class _BearerToken(*_INTERCEPTORS):  # type: ignore[misc]
 @contextlib.contextmanager
 def channel(server: str, timeout: float, credentials: Credentials | None = None) -> Iterator[grpc.Channel]:
     creds = credentials or Credentials()
-    options = [("grpc.max_receive_message_length", MAX_MESSAGE), ("grpc.max_send_message_length", MAX_MESSAGE)]
+    options = channel_options()
     if creds.tls:
         raw = grpc.secure_channel(server, creds.ssl(), options=options)
     else:

@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from prelabel.cli.client import MAX_MESSAGE, Credentials
+from prelabel.cli.client import Credentials, channel_options
 from prelabel.v1 import prelabel_pb2 as pb
 from prelabel.v1 import prelabel_pb2_grpc as rpc
 
@@ -17,7 +17,7 @@ UPLOAD_CHUNK = 32  # examples per UploadExamples message
 
 class Prelabel:
     def __init__(self, server: str, credentials: Credentials, timeout: float) -> None:
-        options = [("grpc.max_receive_message_length", MAX_MESSAGE), ("grpc.max_send_message_length", MAX_MESSAGE)]
+        options = channel_options()
         if credentials.tls:
             self.channel = grpc.aio.secure_channel(server, credentials.ssl(), options=options)
         else:
