@@ -18,7 +18,7 @@ from prelabel.gateway.workers import reserve_port
 from prelabel.settings import Settings
 from prelabel.v1 import prelabel_pb2_grpc as rpc
 from tests.conftest import request
-from tests.stack import Stack, wait_for_health
+from tests.stack import Process, Stack, environment, wait_for_health
 
 WORKERS = 3
 CALLS = 12  # over fresh connections: all on one worker of three has probability 3 * 3**-12
@@ -128,6 +128,30 @@ def test_a_port_taken_without_reuse_is_refused_with_what_to_do():
         taken.listen()
         with pytest.raises(Unavailable, match="choose another port with --grpc-port"):
             reserve_port("127.0.0.1", taken.getsockname()[1])
+
+
+def test_a_port_shared_by_another_prelabel_is_refused_too():
+    first = reserve_port("127.0.0.1", 0)  # another `serve --gateway-workers` (SO_REUSEPORT) holds it
+    try:
+        with pytest.raises(Unavailable, match="choose another port with --grpc-port"):
+            reserve_port("127.0.0.1", first.getsockname()[1])
+    finally:
+        first.close()
+
+
+def test_a_second_gateway_on_a_taken_port_exits_and_says_what_to_do(tmp_path):
+    """grpc shares ports by default on Linux: without care, the second would bind and take half the calls."""
+    first = Stack.serve(tmp_path / "first", command="gateway", extra=["--triton-url", "127.0.0.1:9"])
+    try:
+        port = first.address.rsplit(":", 1)[1]
+        second = Process(["gateway", "--grpc-port", port, "--triton-url", "127.0.0.1:9", "--metrics-port", "0"],
+                         environment(tmp_path / "second")).start()  # fmt: skip
+        assert second.popen.wait(60) == 1, second.log()
+        assert "choose another port with --grpc-port" in second.log()
+        with pytest.raises(Unavailable, match="choose another port"):  # nor may workers join it
+            reserve_port("127.0.0.1", int(port))
+    finally:
+        assert first.stop() == 0
 
 
 def test_settings_travel_to_child_processes_through_the_environment(tmp_path):

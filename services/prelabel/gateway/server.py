@@ -96,7 +96,9 @@ async def start_gateway(settings: Settings, triton_url: str, refresh_period_s: f
         options=[
             ("grpc.max_receive_message_length", settings.max_message_bytes),
             ("grpc.max_send_message_length", settings.max_message_bytes),
-            ("grpc.so_reuseport", 1),  # gateway workers share the port (prelabel.gateway.workers); Linux's default
+            # Only the workers of `serve --gateway-workers` share a port (prelabel.gateway.workers); grpc's
+            # default on Linux is to share, so a second, unrelated gateway would bind silently beside the first.
+            ("grpc.so_reuseport", int(settings.ready_file is not None)),
         ],
     )
     rpc.add_PredictionServiceServicer_to_server(PredictionServicer(Predictor(settings, catalog, triton)), server)

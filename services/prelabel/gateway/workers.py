@@ -21,6 +21,7 @@ import socket
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from prometheus_client import CollectorRegistry, multiprocess
 
@@ -40,16 +41,27 @@ METRICS_DIR = "PROMETHEUS_MULTIPROC_DIR"
 
 
 def reserve_port(host: str, port: int) -> socket.socket:
-    """A bound, never listening ``SO_REUSEPORT`` socket: the port stays ours while the workers come and go."""
+    """A bound, never listening ``SO_REUSEPORT`` socket: the port stays ours while the workers come and go.
+
+    The port must be free first: a plain bind proves no one else holds it, not even another Prelabel
+    sharing it with ``SO_REUSEPORT`` (which would otherwise silently split the traffic with us).
+    """
     family, kind, proto, _, address = socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM)[0]
+    with socket.socket(family, kind, proto) as probe:
+        _bind(probe, address, host, port)
+        address = probe.getsockname()  # port 0: the free port the kernel chose
     sock = socket.socket(family, kind, proto)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    _bind(sock, address, host, port)
+    return sock
+
+
+def _bind(sock: socket.socket, address: Any, host: str, port: int) -> None:
     try:
         sock.bind(address)
     except OSError as exc:
         sock.close()
         raise cannot_listen(host, port, str(exc.strerror)) from exc
-    return sock
 
 
 @dataclass
