@@ -308,15 +308,16 @@ def test_the_trial_is_paired_on_the_same_examples():
     good = torch.nn.functional.one_hot(labels, 2).float() * 5
     worse = good.clone()
     worse[:12] = worse[:12].flip(1)  # wrong on 12 of 100 examples that the other gets right
-    d = strategy.Decision(engine.AUTO, engine.FULL_FINE_TUNE, "rule", 100, 50, 0.3, "frechet")
-    engine._trial(d, {engine.FEATURE_EXTRACTION: good, engine.FULL_FINE_TUNE: worse}, labels, engine.FULL_FINE_TUNE)
-    assert d.chosen == engine.FEATURE_EXTRACTION and "paired trial preferred" in d.reason and "+12.0%" in d.reason
-    d = strategy.Decision(engine.AUTO, engine.FULL_FINE_TUNE, "rule", 100, 50, 0.3, "frechet")
-    engine._trial(d, {engine.FEATURE_EXTRACTION: worse, engine.FULL_FINE_TUNE: good}, labels, engine.FULL_FINE_TUNE)
-    assert d.chosen == engine.FULL_FINE_TUNE and "confirmed" in d.reason
-    d = strategy.Decision(engine.AUTO, engine.FULL_FINE_TUNE, "rule", 100, 50, 0.3, "frechet")
-    engine._trial(d, {engine.FEATURE_EXTRACTION: good, engine.FULL_FINE_TUNE: good}, labels, engine.FULL_FINE_TUNE)
-    assert d.chosen == engine.FULL_FINE_TUNE, "a tie keeps the rule's choice"
+    fe, full = engine.FEATURE_EXTRACTION, engine.FULL_FINE_TUNE
+    d = strategy.Decision(engine.AUTO, full, "rule", 100, 50, 0.3, "frechet")
+    strategy.paired_trial(d, {fe: good, full: worse}, labels, full)
+    assert d.chosen == fe and "paired trial preferred" in d.reason and "+12.0%" in d.reason
+    d = strategy.Decision(engine.AUTO, full, "rule", 100, 50, 0.3, "frechet")
+    strategy.paired_trial(d, {fe: worse, full: good}, labels, full)
+    assert d.chosen == full and "confirmed" in d.reason
+    d = strategy.Decision(engine.AUTO, full, "rule", 100, 50, 0.3, "frechet")
+    strategy.paired_trial(d, {fe: good, full: good}, labels, full)
+    assert d.chosen == full, "a tie keeps the rule's choice"
 
 
 def test_feature_extraction_head_chooses_its_penalty_out_of_fold():

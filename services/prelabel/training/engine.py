@@ -10,14 +10,16 @@
 1. One pass of the base model over the examples gives embeddings (feature extraction's cache) and
    the similarity to its pre-training data (training/similarity.py).
 2. The rule (training/strategy.py) picks a strategy from size and similarity.
-3. **Cross-fitting**: the examples are split into k stratified folds; each candidate strategy is
-   trained k times, each time without one fold, and predicts that fold. Every labelled example
-   thus gets an out-of-fold prediction. They choose the training length (training/loop.py), make
-   AUTO's trial a paired comparison on the same examples, and calibrate confidence and the
-   auto-accept threshold (training/calibration.py) on all labels instead of a 20 % split.
+3. **Cross-fitting** (training/crossfit.py; the head's in training/head.py): the examples are split
+   into k stratified folds; each candidate strategy is trained k times, each time without one fold,
+   and predicts that fold. Every labelled example thus gets an out-of-fold prediction. They choose
+   the training length (training/loop.py), make AUTO's trial a paired comparison on the same
+   examples (training/strategy.py), and calibrate confidence and the auto-accept threshold
+   (training/calibration.py) on all labels instead of a 20 % split.
 4. The chosen strategy is trained once more on every example, for the share of its budget the folds
    chose, its learning-rate schedule compressed to end there.
 
+Progress across all these runs, and the checkpoint a killed job resumes from, are training/runs.py.
 From scratch alone reads the images at their own resolution (up to 96 px; training/resolution.py),
 decoded once more from the files; its version records that preprocessing in its card.
 """
@@ -25,12 +27,10 @@ decoded once more from the files; its version records that preprocessing in its 
 from __future__ import annotations
 
 import copy
-import io
 import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -38,13 +38,13 @@ import numpy.typing as npt
 import torch
 
 from prelabel.errors import InvalidArgument
-from prelabel.files import write_atomically
 from prelabel.models import backbones
 from prelabel.models.base import reference_statistics
 from prelabel.preprocessing import Preprocess
 from prelabel.spec import DEFAULT_TARGET_PRECISION
-from prelabel.training import calibration, data, head, loop, resolution, stages
+from prelabel.training import calibration, crossfit, data, head, loop, resolution, stages
 from prelabel.training.loop import Stopped
+from prelabel.training.runs import Checkpoint, Progress, ProgressCallback, Runs
 from prelabel.training.similarity import confidence_similarity, similarity
 from prelabel.training.strategy import (
     AUTO,
@@ -56,6 +56,7 @@ from prelabel.training.strategy import (
     STRATEGIES,
     Decision,
     decide,
+    paired_trial,
 )
 from prelabel.triton.repository import ModelRepository
 
@@ -107,54 +108,6 @@ class TrainConfig:
     trial: bool = True  # AUTO: confirm the rule's choice against feature extraction
 
 
-@dataclass
-class Progress:
-    stage: str
-    step: int
-    steps: int
-    loss: float  # training loss since the last report (nan where nothing trains)
-    accuracy: float  # on the held-out fold (nan without one)
-    fraction: float  # of the whole job
-    eta_s: float
-    images_per_s: float = math.nan  # training speed since the last report (nan where nothing trains)
-    new_steps: int = 0  # optimisation steps since the last report
-
-    @property
-    def message(self) -> str:
-        parts = [f"{self.stage}: step {self.step}/{self.steps}"]
-        if not math.isnan(self.loss):
-            parts.append(f"loss {self.loss:.3f}")
-        if not math.isnan(self.accuracy):
-            parts.append(f"held-out accuracy {self.accuracy:.1%}")
-        return ", ".join(parts) + f", about {self.eta_s:.0f}s left"
-
-
-ProgressCallback = Callable[[Progress], None]
-
-
-@dataclass
-class Checkpoint:
-    """The job's training state: finished cross-fitting runs and the current run's latest state.
-
-    Saved to a temporary file and renamed, so a kill mid-save leaves the previous checkpoint whole.
-    """
-
-    path: Path
-    every_s: float = 10.0  # a run saves its state at most this often, and whenever it is stopped
-
-    def load(self) -> dict[str, Any] | None:
-        if not self.path.is_file():
-            return None
-        state: dict[str, Any] = torch.load(self.path, map_location="cpu", weights_only=False)
-        return state
-
-    def save(self, state: dict[str, Any]) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        buffer = io.BytesIO()
-        torch.save(state, buffer)
-        write_atomically(self.path, buffer.getvalue())
-
-
 # Wider embeddings (a ResNet-50's stages: 3,840) would need a covariance of tens of MB per version; a
 # version without reference statistics is measured by its own classifier's confidence instead. A
 # ResNet-18's texture embedding (1,198 wide) keeps one: 2.9 MB in float16.
@@ -179,72 +132,6 @@ def _device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
-
-
-class _Job:
-    """Progress across the whole job, and the checkpoint of its runs."""
-
-    def __init__(self, key: str, notify: ProgressCallback, checkpoint: Checkpoint | None,
-                 should_stop: Callable[[], bool], save_on_stop: Callable[[], bool]) -> None:  # fmt: skip
-        self.notify, self.checkpoint = notify, checkpoint
-        self.should_stop, self.save_on_stop = should_stop, save_on_stop
-        self.started = time.monotonic()
-        saved = checkpoint.load() if checkpoint else None
-        self.state: dict[str, Any] = saved if saved and saved.get("key") == key else {"key": key, "runs": {}}
-        self.resumed_from = sum(r["steps_done"] for r in self.state["runs"].values()) + (
-            self.state["current"]["state"]["steps_done"] if self.state.get("current") else 0
-        )
-        self.planned, self.done = 1, 0
-        self.save_every_s = checkpoint.every_s if checkpoint else math.inf
-
-    def check(self) -> None:
-        if self.should_stop():
-            raise Stopped("stopped")
-
-    def report(self, stage: str, step: int, steps: int, loss: float = math.nan, accuracy: float = math.nan,
-               advance: int = 0, speed: float = math.nan) -> None:  # fmt: skip
-        self.done += advance
-        fraction = min(1.0, self.done / max(self.planned, 1))
-        elapsed = time.monotonic() - self.started
-        eta = elapsed / fraction * (1 - fraction) if fraction > 0 else math.nan
-        self.notify(Progress(stage, step, steps, loss, accuracy, fraction, eta, speed, advance))
-
-    def run(self, name: str, stage: str, start: Callable[[dict[str, Any] | None, Callable[..., None]], loop.Run],
-            keep: bool = True) -> dict[str, Any]:  # fmt: skip
-        """A run's summary (and ``model``): from the checkpoint, or by running ``start`` (resumed if it was cut).
-
-        ``keep``: record the finished run in the checkpoint, so that a restarted job skips it.
-        """
-        if name in self.state["runs"]:
-            summary: dict[str, Any] = self.state["runs"][name]
-            self.done += summary["steps_done"]
-            return summary
-        current = self.state.get("current")
-        resume = current["state"] if current and current["name"] == name else None
-        if resume:
-            self.done += resume["steps_done"]
-        last = resume["steps_done"] if resume else 0
-
-        def report(step: int, loss: float, accuracy: float, speed: float, steps: int) -> None:
-            nonlocal last
-            self.report(stage, step, steps, loss, accuracy, advance=step - last, speed=speed)
-            last = step
-
-        run = start(resume, report)
-        self.state.pop("current", None)
-        if keep:
-            self.state["runs"][name] = run.summary()
-            if self.checkpoint:
-                self.checkpoint.save(self.state)
-        return run.summary() | {"model": run.model}
-
-    def save_current(self, name: str) -> Callable[[dict[str, Any]], None]:
-        def save(state: dict[str, Any]) -> None:
-            if self.checkpoint:
-                self.state["current"] = {"name": name, "state": state}
-                self.checkpoint.save(self.state)
-
-        return save
 
 
 def train(
@@ -275,7 +162,7 @@ def train(
     n, n_classes = len(examples), len(examples.classes)
     folds = data.folds(examples.labels, config.folds, config.seed)
     key = f"{config.strategy}/{config.seed}/{config.epochs}/{config.learning_rate}/{len(folds)}/{n}/{base.name}"
-    job = _Job(key, progress or (lambda p: None), checkpoint, should_stop, save_on_stop)
+    job = Runs(key, progress or (lambda p: None), checkpoint, should_stop, save_on_stop)
 
     # 1. The base's logits and embeddings: similarity, and feature extraction's cache, in one pass.
     # Feature extraction reads every stage of a ResNet (models/backbones.py), other bodies their output.
@@ -315,13 +202,19 @@ def train(
         oof[FEATURE_EXTRACTION] = fe_oof
         job.report(NAMES[FEATURE_EXTRACTION], 1, 1, accuracy=_accuracy(fe_oof, examples.labels))
     best_step = 0
+
+    def build() -> tuple[backbones.Classifier, list[torch.nn.Module], str]:  # a fresh model of the chosen strategy
+        assert deep is not None
+        return loop.strategy_model(base.model, base.arch, base.family, deep, n_classes, decision.freeze_first_k,
+                                   deep_examples.pixels.shape[1])  # fmt: skip
+
     if deep and recipe:
-        oof[deep], best_step = _crossfit_deep(base, deep, decision.freeze_first_k, deep_examples, folds, deep_normalize,
-                                              recipe, config, job)  # fmt: skip
+        oof[deep], best_step = crossfit.crossfit(build, NAMES[deep], deep_examples, folds, deep_normalize, recipe,
+                                                 config.seed, job)  # fmt: skip
 
     # 3. AUTO's trial, paired on the same examples.
     if len(oof) > 1 and deep:
-        _trial(decision, oof, examples.labels, deep)
+        paired_trial(decision, oof, examples.labels, deep)
 
     # 4. The final model, on every example.
     chosen = decision.chosen
@@ -336,8 +229,8 @@ def train(
         # anneals to zero at the stop instead of being cut off mid-decay.
         shortened = loop.shortened(final, best_step / recipe.steps)
         job.planned -= final.steps - shortened.steps
-        arch, model, steps_run = _final_run(base, chosen, decision.freeze_first_k, deep_examples, deep_normalize,
-                                            shortened, config, job)  # fmt: skip
+        arch, model, steps_run = crossfit.final_run(build, NAMES[chosen], deep_examples, deep_normalize, shortened,
+                                                    config.seed, job)  # fmt: skip
         final_embeddings = loop.predict(model, deep_examples.pixels, deep_normalize)[1]
         model = model.cpu().eval()
 
@@ -409,84 +302,6 @@ def _base_pass(model: backbones.Classifier, fe_model: backbones.Classifier, pixe
 
 def _accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
     return float((logits.argmax(1) == labels).float().mean())
-
-
-def _crossfit_deep(base: Base, strategy: str, k: int, examples: data.Examples, folds: list[torch.Tensor],
-                   normalize: backbones.Normalizer, recipe: loop.Recipe, config: TrainConfig, job: _Job
-                   ) -> tuple[torch.Tensor, int]:  # fmt: skip
-    """Out-of-fold logits of ``strategy`` at the step where the folds' mean held-out loss is lowest."""
-    n_classes = len(examples.classes)
-    runs = []
-    for i, held in enumerate(folds):
-        inside = torch.ones(len(examples), dtype=torch.bool)
-        inside[held] = False
-        train_set, held_out = examples.subset(torch.nonzero(inside).flatten()), examples.subset(held)
-        stage = f"{NAMES[strategy]}, fold {i + 1} of {len(folds)}"
-
-        def start(resume: dict[str, Any] | None, report: Callable[..., None], seed: int = config.seed + i,
-                  train_set: data.Examples = train_set, held_out: data.Examples = held_out, name: str = f"fold{i}"
-                  ) -> loop.Run:  # fmt: skip
-            torch.manual_seed(seed)
-            model, frozen, _ = loop.strategy_model(base.model, base.arch, base.family, strategy, n_classes, k,
-                                                   examples.pixels.shape[1])  # fmt: skip
-            return loop.fit(model, frozen, train_set, held_out, normalize, recipe, seed,
-                            lambda s, loss, acc, speed: report(s, loss, acc, speed, recipe.steps), job.should_stop,
-                            job.save_on_stop, resume=resume, save=job.save_current(name),
-                            save_every_s=job.save_every_s)  # fmt: skip
-
-        runs.append(job.run(f"fold{i}", stage, start))
-    # Runs that stopped early keep their last value for the evaluations they did not reach.
-    length = max(len(r["losses"]) for r in runs)
-    curves = torch.tensor([r["losses"] + [r["losses"][-1]] * (length - len(r["losses"])) for r in runs])
-    sizes = torch.tensor([float(len(f)) for f in folds])
-    skip = min(recipe.warmup_evals, length - 1)  # never a point within the warm-up (Recipe.warmup_evals)
-    best = skip + int(torch.argmin((curves[:, skip:] * sizes[:, None]).sum(0)))
-    oof = torch.zeros(len(examples), n_classes)
-    for r, held in zip(runs, folds, strict=True):
-        oof[held] = r["logits"][min(best, len(r["logits"]) - 1)]
-    return oof, recipe.eval_steps[best]
-
-
-def _final_run(base: Base, strategy: str, k: int, examples: data.Examples, normalize: backbones.Normalizer,
-               recipe: loop.Recipe, config: TrainConfig, job: _Job) -> tuple[str, backbones.Classifier, int]:
-    n_classes = len(examples.classes)
-    arch = base.arch
-
-    def start(resume: dict[str, Any] | None, report: Callable[..., None]) -> loop.Run:
-        nonlocal arch
-        torch.manual_seed(config.seed)
-        model, frozen, arch = loop.strategy_model(base.model, base.arch, base.family, strategy, n_classes, k,
-                                                  examples.pixels.shape[1])  # fmt: skip
-        return loop.fit(model, frozen, examples, None, normalize, recipe, config.seed,
-                        lambda s, loss, acc, speed: report(s, loss, acc, speed, recipe.steps), job.should_stop,
-                        job.save_on_stop, resume=resume, save=job.save_current("final"),
-                        save_every_s=job.save_every_s)  # fmt: skip
-
-    summary = job.run("final", f"{NAMES[strategy]}, on every example", start, keep=False)
-    model: backbones.Classifier = summary["model"]
-    return arch, model, int(summary["steps_done"])
-
-
-def _trial(decision: Decision, oof: dict[str, torch.Tensor], labels: torch.Tensor, deep: str) -> None:
-    """Cross-validated model selection: the more accurate strategy out of fold; a tie keeps the rule's choice.
-
-    Both predicted the same examples, each from models that never saw it (paired). An earlier version
-    kept the rule's choice unless feature extraction won by two paired standard errors (about 6 points
-    at 160 examples); once feature extraction read every stage of the base, that margin kept the worse
-    strategy on the photo tasks (docs/benchmarks.md).
-    """
-    right = {s: (logits.argmax(1) == labels).float() for s, logits in oof.items()}
-    decision.trial = {NAMES[s]: float(r.mean()) for s, r in right.items()}
-    diff = right[FEATURE_EXTRACTION] - right[deep]
-    error = float(diff.std()) / math.sqrt(len(diff)) if len(diff) > 1 else 0.0
-    tried = (f"{NAMES[deep]} {decision.trial[NAMES[deep]]:.1%}, feature extraction "
-             f"{decision.trial[NAMES[FEATURE_EXTRACTION]]:.1%} out of fold, "
-             f"difference {float(diff.mean()):+.1%} ± {error:.1%}")  # fmt: skip
-    if float(diff.mean()) > 0:
-        decision.reason += f"; the paired trial preferred feature extraction ({tried})"
-        decision.chosen = FEATURE_EXTRACTION
-    else:
-        decision.reason += f"; confirmed by a paired trial ({tried})"
 
 
 def _summary(accuracy: float, n: int, threshold: calibration.Threshold, config: TrainConfig,

@@ -9,13 +9,16 @@ the rule's choice against feature extraction on out-of-fold predictions of the s
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
+
+import torch
 
 # The names are defined once, with the job spec (prelabel/spec.py); re-exported for the engine.
 from prelabel.spec import AUTO, FEATURE_EXTRACTION, FREEZE_FIRST_K, FROM_SCRATCH, FULL_FINE_TUNE, NAMES, STRATEGIES
 
 __all__ = ["AUTO", "FEATURE_EXTRACTION", "FREEZE_FIRST_K", "FROM_SCRATCH", "FULL_FINE_TUNE", "NAMES", "STRATEGIES",
-           "Decision", "decide"]  # fmt: skip
+           "Decision", "decide", "paired_trial"]  # fmt: skip
 
 # Below this many examples per class a dataset of similar images is "small" (feature extraction).
 SMALL_PER_CLASS = 20
@@ -65,3 +68,25 @@ def decide(
     measured = f"{measure} similarity {similarity:.2f}"
     reason = f"{examples} examples, {per_class:.0f} per class, {measured}: {NAMES[chosen]} ({why})"
     return Decision(requested, chosen, reason, examples, per_class, similarity, measure, k)
+
+
+def paired_trial(decision: Decision, oof: dict[str, torch.Tensor], labels: torch.Tensor, deep: str) -> None:
+    """Cross-validated model selection: the more accurate strategy out of fold; a tie keeps the rule's choice.
+
+    Both predicted the same examples, each from models that never saw it (paired). An earlier version
+    kept the rule's choice unless feature extraction won by two paired standard errors (about 6 points
+    at 160 examples); once feature extraction read every stage of the base, that margin kept the worse
+    strategy on the photo tasks (docs/benchmarks.md).
+    """
+    right = {s: (logits.argmax(1) == labels).float() for s, logits in oof.items()}
+    decision.trial = {NAMES[s]: float(r.mean()) for s, r in right.items()}
+    diff = right[FEATURE_EXTRACTION] - right[deep]
+    error = float(diff.std()) / math.sqrt(len(diff)) if len(diff) > 1 else 0.0
+    tried = (f"{NAMES[deep]} {decision.trial[NAMES[deep]]:.1%}, feature extraction "
+             f"{decision.trial[NAMES[FEATURE_EXTRACTION]]:.1%} out of fold, "
+             f"difference {float(diff.mean()):+.1%} ± {error:.1%}")  # fmt: skip
+    if float(diff.mean()) > 0:
+        decision.reason += f"; the paired trial preferred feature extraction ({tried})"
+        decision.chosen = FEATURE_EXTRACTION
+    else:
+        decision.reason += f"; confirmed by a paired trial ({tried})"
