@@ -94,7 +94,7 @@ def _announce(settings: Settings, port: int | None, metrics_port: int | None, tr
         lines.append(f"metrics on http://{settings.metrics_address}:{metrics_port}/metrics")
     lines.append(f"Triton at {triton}")
     lines.append(f"data in {settings.data_dir}")
-    if settings.ready_file is None:
+    if not settings.gateway_worker:
         print("; ".join(lines), flush=True)
     else:  # a gateway worker: its parent announces the port for all of them
         log.info("worker pid %d: %s", os.getpid(), lines[0])

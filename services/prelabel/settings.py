@@ -143,6 +143,11 @@ class Settings:
     def embedded_triton(self) -> bool:
         return not self.triton_url
 
+    @property
+    def gateway_worker(self) -> bool:
+        """A worker of ``serve --gateway-workers``: it shares the port, and its parent waits on ``ready_file``."""
+        return self.ready_file is not None
+
     def configure_logging(self) -> None:
         """Every long-running command logs alike: timestamp, level, component, message, to stderr."""
         logging.basicConfig(

@@ -98,7 +98,7 @@ async def start_gateway(settings: Settings, triton_url: str, refresh_period_s: f
             ("grpc.max_send_message_length", settings.max_message_bytes),
             # Only the workers of `serve --gateway-workers` share a port (prelabel.gateway.workers); grpc's
             # default on Linux is to share, so a second, unrelated gateway would bind silently beside the first.
-            ("grpc.so_reuseport", int(settings.ready_file is not None)),
+            ("grpc.so_reuseport", int(settings.gateway_worker)),
         ],
     )
     rpc.add_PredictionServiceServicer_to_server(PredictionServicer(Predictor(settings, catalog, triton)), server)

@@ -18,6 +18,7 @@ from prelabel.training.runs import Runs
 
 # A fresh model to train: (the model, its frozen parameters, its architecture's name); loop.strategy_model.
 Build = Callable[[], tuple[backbones.Classifier, list[torch.nn.Module], str]]
+Report = Callable[..., None]  # Runs.run's report(step, loss, accuracy, speed, steps)
 
 
 def crossfit(build: Build, stage: str, examples: data.Examples, folds: list[torch.Tensor],
@@ -30,15 +31,12 @@ def crossfit(build: Build, stage: str, examples: data.Examples, folds: list[torc
         inside[held] = False
         train_set, held_out = examples.subset(torch.nonzero(inside).flatten()), examples.subset(held)
 
-        def start(resume: dict[str, Any] | None, report: Callable[..., None], seed: int = seed + i,
+        def start(resume: dict[str, Any] | None, report: Report, seed: int = seed + i,
                   train_set: data.Examples = train_set, held_out: data.Examples = held_out, name: str = f"fold{i}"
                   ) -> loop.Run:  # fmt: skip
             torch.manual_seed(seed)
             model, frozen, _ = build()
-            return loop.fit(model, frozen, train_set, held_out, normalize, recipe, seed,
-                            lambda s, loss, acc, speed: report(s, loss, acc, speed, recipe.steps), job.should_stop,
-                            job.save_on_stop, resume=resume, save=job.save_current(name),
-                            save_every_s=job.save_every_s)  # fmt: skip
+            return _fit(model, frozen, train_set, held_out, normalize, recipe, seed, job, name, resume, report)
 
         runs.append(job.run(f"fold{i}", f"{stage}, fold {i + 1} of {len(folds)}", start))
     # Runs that stopped early keep their last value for the evaluations they did not reach.
@@ -58,15 +56,22 @@ def final_run(build: Build, stage: str, examples: data.Examples, normalize: back
     """The model ``build`` makes, trained on every example: ``(its architecture, the model, steps run)``."""
     arch = ""
 
-    def start(resume: dict[str, Any] | None, report: Callable[..., None]) -> loop.Run:
+    def start(resume: dict[str, Any] | None, report: Report) -> loop.Run:
         nonlocal arch
         torch.manual_seed(seed)
         model, frozen, arch = build()
-        return loop.fit(model, frozen, examples, None, normalize, recipe, seed,
-                        lambda s, loss, acc, speed: report(s, loss, acc, speed, recipe.steps), job.should_stop,
-                        job.save_on_stop, resume=resume, save=job.save_current("final"),
-                        save_every_s=job.save_every_s)  # fmt: skip
+        return _fit(model, frozen, examples, None, normalize, recipe, seed, job, "final", resume, report)
 
     summary = job.run("final", f"{stage}, on every example", start, keep=False)
     model: backbones.Classifier = summary["model"]
     return arch, model, int(summary["steps_done"])
+
+
+def _fit(model: backbones.Classifier, frozen: list[torch.nn.Module], train_set: data.Examples,
+         held_out: data.Examples | None, normalize: backbones.Normalizer, recipe: loop.Recipe, seed: int, job: Runs,
+         name: str, resume: dict[str, Any] | None, report: Report) -> loop.Run:  # fmt: skip
+    """One run of the training loop, stoppable, saving its state in the job's checkpoint under ``name``."""
+    return loop.fit(model, frozen, train_set, held_out, normalize, recipe, seed,
+                    lambda s, loss, acc, speed: report(s, loss, acc, speed, recipe.steps), job.should_stop,
+                    job.save_on_stop, resume=resume, save=job.save_current(name),
+                    save_every_s=job.save_every_s)  # fmt: skip
