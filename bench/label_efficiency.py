@@ -50,6 +50,7 @@ from sklearn.preprocessing import StandardScaler
 from prelabel.datasets import digits, photos, shapes
 from prelabel.models import backbones
 from prelabel.preprocessing import Preprocess
+from prelabel.spec import SCRATCH_TRIAL
 from prelabel.training import data, engine
 from prelabel.triton.defaults import ensure_default_model
 from prelabel.triton.repository import ModelRepository
@@ -177,7 +178,7 @@ def evaluate(result: engine.TrainResult, images: Images, labels: list[str]) -> t
 
 
 def row(base: engine.Base, name: str, per_class: int, seed: int, strategies: list[str], textbook: bool,
-        ) -> tuple[dict[str, float], list[str]]:  # fmt: skip
+        scratch_trial: str = "never") -> tuple[dict[str, float], list[str]]:  # fmt: skip
     """One task, labels per class and seed: (accuracy % by column, the table's cells)."""
     pool, pool_labels, test_images, test_labels, size = task(name, per_class + 10, seed)
     index = subset(pool_labels, per_class, seed)
@@ -191,7 +192,8 @@ def row(base: engine.Base, name: str, per_class: int, seed: int, strategies: lis
     auto = ["-"] * 5
     for strategy in strategies:
         started = time.perf_counter()
-        result = engine.train(base, examples, engine.TrainConfig(strategy=strategy, seed=seed))
+        config = engine.TrainConfig(strategy=strategy, seed=seed, scratch_trial=scratch_trial)
+        result = engine.train(base, examples, config)
         seconds = time.perf_counter() - started
         acc, precision, coverage, accepted = evaluate(result, test_images, test_labels)
         accuracy[strategy] = acc * 100
@@ -199,6 +201,8 @@ def row(base: engine.Base, name: str, per_class: int, seed: int, strategies: lis
         steps = f", {result.metrics['steps']:.0f} steps ({share:.0%} of the budget)" if share is not None else ""
         print(f"{name} seed {seed}: {SHORT[strategy]} {acc:.1%} in {seconds:.0f} s{steps}", file=sys.stderr, flush=True)
         if strategy == engine.AUTO:
+            trial = ", ".join(f"{s} {a:.1%}" for s, a in result.decision.trial.items())
+            print(f"{name} seed {seed}: AUTO's trial out of fold: {trial or 'none'}", file=sys.stderr, flush=True)
             accuracy[PRECISION] = precision
             best = max((accuracy[s] for s in FIXED if not math.isnan(accuracy[s])), default=math.nan)  # those run
             realised = f"{precision:.3f} ({coverage:.0%})" if accepted else "off: " + result.summary.split("; ")[-1]
@@ -278,6 +282,8 @@ def main() -> None:
         choices=list(SHORT.values()),
         help="a subset (for example FE alone over many seeds, or AUTO after a change to its rule)",
     )
+    parser.add_argument("--scratch-trial", default="never", choices=SCRATCH_TRIAL,
+                        help="whether AUTO's trial also cross-fits from scratch (TrainConfig.scratch_trial)")
     args = parser.parse_args()
     strategies = [s for s, short in SHORT.items() if short in args.strategies]
     textbook = not args.no_textbook
@@ -292,7 +298,7 @@ def main() -> None:
     for name in args.tasks:
         for per_class in args.per_class:
             for seed in args.seeds:
-                accuracy, cells = row(base, name, per_class, seed, strategies, textbook)
+                accuracy, cells = row(base, name, per_class, seed, strategies, textbook, args.scratch_trial)
                 runs.setdefault((name, per_class), []).append(accuracy)
                 print(f"| {name} | {role(name)} | {per_class} | {seed} | " + " | ".join(cells) + " |", flush=True)
     if len(args.seeds) > 1:

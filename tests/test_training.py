@@ -310,14 +310,62 @@ def test_the_trial_is_paired_on_the_same_examples():
     worse[:12] = worse[:12].flip(1)  # wrong on 12 of 100 examples that the other gets right
     fe, full = engine.FEATURE_EXTRACTION, engine.FULL_FINE_TUNE
     d = strategy.Decision(engine.AUTO, full, "rule", 100, 50, 0.3, "frechet")
-    strategy.paired_trial(d, {fe: good, full: worse}, labels, full)
-    assert d.chosen == fe and "paired trial preferred" in d.reason and "+12.0%" in d.reason
+    strategy.paired_trial(d, {fe: good, full: worse}, labels)
+    assert d.chosen == fe and "paired trial preferred feature extraction" in d.reason and "+12.0%" in d.reason
     d = strategy.Decision(engine.AUTO, full, "rule", 100, 50, 0.3, "frechet")
-    strategy.paired_trial(d, {fe: worse, full: good}, labels, full)
+    strategy.paired_trial(d, {fe: worse, full: good}, labels)
     assert d.chosen == full and "confirmed" in d.reason
     d = strategy.Decision(engine.AUTO, full, "rule", 100, 50, 0.3, "frechet")
-    strategy.paired_trial(d, {fe: good, full: good}, labels, full)
+    strategy.paired_trial(d, {fe: good, full: good}, labels)
     assert d.chosen == full, "a tie keeps the rule's choice"
+
+
+def test_the_trial_publishes_the_best_of_three_and_breaks_ties_by_the_rule_then_order():
+    labels = torch.arange(100) % 2
+    right = torch.nn.functional.one_hot(labels, 2).float() * 5
+    wrong_on = {k: right.clone() for k in (4, 10)}
+    for k, logits in wrong_on.items():
+        logits[:k] = logits[:k].flip(1)
+    fe, freeze, scratch = engine.FEATURE_EXTRACTION, engine.FREEZE_FIRST_K, engine.FROM_SCRATCH
+    d = strategy.Decision(engine.AUTO, freeze, "rule", 100, 50, 0.3, "frechet")
+    strategy.paired_trial(d, {fe: wrong_on[4], freeze: wrong_on[10], scratch: right}, labels)
+    assert d.chosen == scratch and "preferred training from scratch" in d.reason
+    assert d.trial == pytest.approx({"feature extraction": 0.96, "freeze the first k stages": 0.9,
+                                    "training from scratch": 1.0})
+    assert "feature extraction +6.0%" in d.reason and "training from scratch +10.0%" in d.reason  # against the rule
+    d = strategy.Decision(engine.AUTO, freeze, "rule", 100, 50, 0.3, "frechet")
+    strategy.paired_trial(d, {fe: right, freeze: wrong_on[4], scratch: right}, labels)
+    assert d.chosen == fe, "between equals, the earlier candidate"
+    d = strategy.Decision(engine.AUTO, fe, "rule", 100, 50, 0.3, "frechet")
+    strategy.paired_trial(d, {fe: right, scratch: right}, labels)
+    assert d.chosen == fe and "confirmed" in d.reason
+
+
+def test_auto_tries_from_scratch_when_told_to(base, tmp_path, monkeypatch):
+    """``scratch_trial``: from scratch is cross-fitted beside the rule's choice and feature extraction
+    (opt-in: ``gpu`` only where a GPU trains, or ``always``); published, it reads the images at their own
+    resolution. Its folds are kept apart from the rule's choice's in the checkpoint."""
+    images, labels = shapes.sample(4 * len(shapes.NOVEL_CLASSES), 96, 5, shapes.NOVEL_CLASSES)
+    examples = data.from_images(images, [shapes.NOVEL_CLASSES[y] for y in labels], base.preprocess)
+    with pytest.raises(InvalidArgument, match="scratch_trial='sometimes'"):
+        engine.train(base, examples, engine.TrainConfig(scratch_trial="sometimes"))
+    plain = engine.train(base, examples, engine.TrainConfig(epochs=1, scratch_trial="gpu"))  # not on a CPU
+    assert "training from scratch" not in plain.decision.trial and len(plain.decision.trial) == 2
+
+    def scratch_wins(decision, oof, labels):  # the trial's choice itself is tested above
+        decision.chosen = engine.FROM_SCRATCH
+
+    monkeypatch.setattr(engine, "paired_trial", scratch_wins)
+    seen: list[str] = []
+    checkpoint = engine.Checkpoint(tmp_path / "training.pt", every_s=3600)
+    result = engine.train(base, examples, engine.TrainConfig(epochs=1, scratch_trial="always"),
+                          lambda p: seen.append(p.message), checkpoint)  # fmt: skip
+    assert any("training from scratch, fold 3 of 3" in m for m in seen)
+    assert result.decision.chosen == engine.FROM_SCRATCH and result.preprocess.crop == 96
+    assert "from scratch at 96 px" in result.decision.reason
+    runs = checkpoint.load()["runs"]
+    assert {"fold0", "fold2", "from_scratch-fold0", "from_scratch-fold2"} <= set(runs)
+    assert result.metrics["budget_share"] > 0 and result.metrics["steps"] > 0
 
 
 def test_feature_extraction_head_chooses_its_penalty_out_of_fold():

@@ -60,6 +60,19 @@ def test_a_job_trains_publishes_and_records_its_result(trainer):
     assert not (trainer.settings.checkpoints / job.id).exists()
 
 
+def test_the_scratch_trial_setting_reaches_auto_jobs(trainer, tmp_path):
+    """PRELABEL_TRAINER_SCRATCH_TRIAL=always: an AUTO job on this CPU cross-fits from scratch too, and
+    its reason shows it among the trial's candidates; a value the trainer does not know stops it at start."""
+    trainer.settings = trainer.settings.replace(trainer_scratch_trial="always")
+    job = trainer.queue.submit(spec(strategy=engine.AUTO, epochs=1))
+    run_next(trainer)
+    done = trainer.queue.get(job.id)
+    assert done.state == SUCCEEDED and "paired trial" in done.result["strategy_reason"]
+    assert "training from scratch" in done.result["strategy_reason"]
+    with pytest.raises(InvalidArgument, match="PRELABEL_TRAINER_SCRATCH_TRIAL='sometimes'"):
+        Trainer(trainer.settings.replace(trainer_scratch_trial="sometimes"))
+
+
 def test_a_job_retried_after_publishing_does_not_publish_again(trainer):
     job = trainer.queue.submit(spec())
     claimed = trainer.queue.claim(trainer.name, 0.5)

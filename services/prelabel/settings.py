@@ -86,6 +86,7 @@ class Settings:
     job_max_attempts: int = 3  # claims before a job is FAILED (a crash or kill -9 counts)
     trainer_poll_s: float = 1.0  # how often an idle worker looks for a job
     trainer_device: str = "auto"  # auto (cuda if present), cpu, cuda, cuda:1...
+    trainer_scratch_trial: str = "never"  # AUTO also tries from scratch: never, gpu (when training on one), always
     checkpoint_every_s: float = 10.0  # how often a training run saves its state (and when it stops)
     max_examples_per_dataset: int = 1_000_000
     max_label_chars: int = 128

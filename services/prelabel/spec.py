@@ -23,6 +23,9 @@ NAMES = {  # for people: logs, reasons, progress
 }
 
 DEFAULT_TARGET_PRECISION = 0.95  # what auto-accept promises unless the request asks otherwise
+# When AUTO's trial also cross-fits from scratch (PRELABEL_TRAINER_SCRATCH_TRIAL): never (the default),
+# on a GPU, always.
+SCRATCH_TRIAL = ("never", "gpu", "always")
 
 
 def short_name(strategy: str) -> str:

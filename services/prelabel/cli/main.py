@@ -13,7 +13,7 @@ import grpc
 
 from prelabel.errors import PrelabelError
 from prelabel.settings import Settings
-from prelabel.spec import AUTO, DEFAULT_TARGET_PRECISION, STRATEGIES, short_name
+from prelabel.spec import AUTO, DEFAULT_TARGET_PRECISION, SCRATCH_TRIAL, STRATEGIES, short_name
 
 LABEL_STUDIO_HELP = """Run Label Studio's ML backend in front of a Prelabel gateway (a gRPC client, like predict).
 
@@ -126,6 +126,9 @@ def parser() -> argparse.ArgumentParser:
     train.add_argument("--name", required=True, help="model to publish the result as (a new version of it)")
     _training_flags(train)
     train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--scratch-trial", choices=SCRATCH_TRIAL,
+                       help="whether AUTO's trial also tries from scratch (default: "
+                            "PRELABEL_TRAINER_SCRATCH_TRIAL, never)")  # fmt: skip
     train.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     train.add_argument("--data-dir", type=Path, help="where the model repository is (PRELABEL_DATA_DIR)")
     train.add_argument("--triton-url", help="Triton to load the new version into (default: the local prelabel serve)")
@@ -232,7 +235,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "train":
             from prelabel.cli import train
 
-            return train.train(Settings.from_env(data_dir=args.data_dir, triton_url=args.triton_url), args)
+            settings = Settings.from_env(data_dir=args.data_dir, triton_url=args.triton_url,
+                                         trainer_scratch_trial=args.scratch_trial)  # fmt: skip
+            return train.train(settings, args)
         if args.command == "labelstudio":
             from prelabel.cli.client import Credentials
             from prelabel.labelstudio import server as studio

@@ -29,6 +29,8 @@ def train(settings: Settings, args: argparse.Namespace) -> int:
         learning_rate=args.learning_rate,
         seed=args.seed,
         target_precision=args.target_precision,
+        device=settings.trainer_device,
+        scratch_trial=settings.trainer_scratch_trial,
     )
     with tqdm(
         total=100, unit="%", disable=args.no_progress, file=sys.stderr, bar_format="{l_bar}{bar}| {postfix}"

@@ -22,23 +22,25 @@ Report = Callable[..., None]  # Runs.run's report(step, loss, accuracy, speed, s
 
 
 def crossfit(build: Build, stage: str, examples: data.Examples, folds: list[torch.Tensor],
-             normalize: backbones.Normalizer, recipe: loop.Recipe, seed: int, job: Runs) -> tuple[torch.Tensor, int]:
+             normalize: backbones.Normalizer, recipe: loop.Recipe, seed: int, job: Runs, prefix: str = ""
+             ) -> tuple[torch.Tensor, int]:  # fmt: skip
     """Out-of-fold logits of the model ``build`` makes, at the step where the folds' mean held-out loss is lowest;
-    and that step."""
+    and that step. ``prefix`` names its runs apart from another strategy's in the job's checkpoint."""
     runs = []
     for i, held in enumerate(folds):
+        name = f"{prefix}fold{i}"
         inside = torch.ones(len(examples), dtype=torch.bool)
         inside[held] = False
         train_set, held_out = examples.subset(torch.nonzero(inside).flatten()), examples.subset(held)
 
         def start(resume: dict[str, Any] | None, report: Report, seed: int = seed + i,
-                  train_set: data.Examples = train_set, held_out: data.Examples = held_out, name: str = f"fold{i}"
+                  train_set: data.Examples = train_set, held_out: data.Examples = held_out, name: str = name
                   ) -> loop.Run:  # fmt: skip
             torch.manual_seed(seed)
             model, frozen, _ = build()
             return _fit(model, frozen, train_set, held_out, normalize, recipe, seed, job, name, resume, report)
 
-        runs.append(job.run(f"fold{i}", f"{stage}, fold {i + 1} of {len(folds)}", start))
+        runs.append(job.run(name, f"{stage}, fold {i + 1} of {len(folds)}", start))
     # Runs that stopped early keep their last value for the evaluations they did not reach.
     length = max(len(r["losses"]) for r in runs)
     curves = torch.tensor([r["losses"] + [r["losses"][-1]] * (length - len(r["losses"])) for r in runs])

@@ -41,7 +41,7 @@ from prelabel.errors import InvalidArgument
 from prelabel.models import backbones
 from prelabel.models.base import reference_statistics
 from prelabel.preprocessing import Preprocess
-from prelabel.spec import DEFAULT_TARGET_PRECISION
+from prelabel.spec import DEFAULT_TARGET_PRECISION, SCRATCH_TRIAL, short_name
 from prelabel.training import calibration, crossfit, data, head, loop, resolution, stages
 from prelabel.training.loop import Stopped
 from prelabel.training.runs import Checkpoint, Progress, ProgressCallback, Runs
@@ -106,6 +106,7 @@ class TrainConfig:
     confidence: float = 1 - calibration.DELTA  # that auto-accept's precision holds
     device: str = "auto"
     trial: bool = True  # AUTO: confirm the rule's choice against feature extraction
+    scratch_trial: str = "never"  # AUTO's trial also tries from scratch: never, gpu (when training on one), always
 
 
 # Wider embeddings (a ResNet-50's stages: 3,840) would need a covariance of tens of MB per version; a
@@ -155,6 +156,8 @@ def train(
         raise InvalidArgument(f"unknown strategy {config.strategy!r}; choose one of {', '.join(STRATEGIES)}")
     if not 0 < config.target_precision < 1:
         raise InvalidArgument(f"target_precision={config.target_precision} must be between 0 and 1")
+    if config.scratch_trial not in SCRATCH_TRIAL:
+        raise InvalidArgument(f"scratch_trial={config.scratch_trial!r}: choose one of {', '.join(SCRATCH_TRIAL)}")
     data.check(examples)
     torch.manual_seed(config.seed)
     device = _device(config.device)
@@ -178,61 +181,57 @@ def train(
     if decision.chosen == FREEZE_FIRST_K and not 0 < decision.freeze_first_k <= n_stages:
         raise InvalidArgument(f"freeze_first_k={decision.freeze_first_k}: {base.arch} has {n_stages} stages")
 
-    # 2. Cross-fitting: out-of-fold logits of feature extraction (cheap) and of the rule's choice.
-    deep = decision.chosen if decision.chosen != FEATURE_EXTRACTION else None
-    # From scratch reads the images at their own resolution (training/resolution.py), decoded once more.
-    deep_examples, deep_normalize, deep_preprocess = examples, normalize, base.preprocess
-    if deep == FROM_SCRATCH and examples.source is not None:
-        deep_preprocess = resolution.scratch_preprocess(base.preprocess, examples.source.short_sides())
-        if deep_preprocess != base.preprocess:
-            deep_examples = examples.decoded(deep_preprocess, job.check)
-            deep_normalize = backbones.Normalizer(deep_preprocess, device)
-            decision.reason += (f"; from scratch at {deep_preprocess.crop} px, the images' own resolution "
-                                f"(the base reads {base.preprocess.crop} px)")  # fmt: skip
-    with_fe = deep is None or (config.strategy == AUTO and config.trial)
-    recipe = loop.recipe(deep, n - n // len(folds), config.epochs, config.learning_rate) if deep else None
-    final = loop.recipe(deep, n, config.epochs, config.learning_rate) if deep else None  # on every example
-    job.planned = (recipe.steps * len(folds) + final.steps if recipe and final else 0) + 1
+    # 2. Cross-fitting: out-of-fold logits of feature extraction (cheap) and of each deep candidate.
+    auto_trial = config.strategy == AUTO and config.trial
+    deep = [] if decision.chosen == FEATURE_EXTRACTION else [decision.chosen]
+    if auto_trial and FROM_SCRATCH not in deep and _tries_scratch(config.scratch_trial, device):
+        deep.append(FROM_SCRATCH)
+    candidates = {s: _candidate(s, i, base, examples, normalize, device, config, len(folds), job)
+                  for i, s in enumerate(deep)}  # fmt: skip
+    rule = decision.chosen
+    planned_final = candidates[rule].final.steps if rule in candidates else 0
+    job.planned = sum(c.recipe.steps * len(folds) for c in candidates.values()) + planned_final + 1
     oof: dict[str, torch.Tensor] = {}
     fe_setting = head.Setting()  # chosen below whenever feature extraction can be published
-    if with_fe:
+    if not deep or auto_trial:
         job.check()
         fe_oof, fe_setting = head.crossfit(features, examples.labels, folds, n_classes, config.seed,
                                            fe_model.statistics_dim)  # fmt: skip
         oof[FEATURE_EXTRACTION] = fe_oof
         job.report(NAMES[FEATURE_EXTRACTION], 1, 1, accuracy=_accuracy(fe_oof, examples.labels))
-    best_step = 0
 
-    def build() -> tuple[backbones.Classifier, list[torch.nn.Module], str]:  # a fresh model of the chosen strategy
-        assert deep is not None
-        return loop.strategy_model(base.model, base.arch, base.family, deep, n_classes, decision.freeze_first_k,
-                                   deep_examples.pixels.shape[1])  # fmt: skip
+    def builder(c: _Candidate) -> crossfit.Build:  # fresh models of one deep strategy
+        return lambda: loop.strategy_model(base.model, base.arch, base.family, c.strategy, n_classes,
+                                           decision.freeze_first_k, c.examples.pixels.shape[1])  # fmt: skip
 
-    if deep and recipe:
-        oof[deep], best_step = crossfit.crossfit(build, NAMES[deep], deep_examples, folds, deep_normalize, recipe,
-                                                 config.seed, job)  # fmt: skip
+    for c in candidates.values():
+        oof[c.strategy], c.best_step = crossfit.crossfit(builder(c), NAMES[c.strategy], c.examples, folds,
+                                                         c.normalize, c.recipe, config.seed, job, c.prefix)  # fmt: skip
 
     # 3. AUTO's trial, paired on the same examples.
-    if len(oof) > 1 and deep:
-        paired_trial(decision, oof, examples.labels, deep)
+    if len(oof) > 1:
+        paired_trial(decision, oof, examples.labels)
 
     # 4. The final model, on every example.
     chosen = decision.chosen
+    preprocess = base.preprocess
     if chosen == FEATURE_EXTRACTION:
         model = copy.deepcopy(fe_model).cpu()
         model.head = head.fit(features, examples.labels, n_classes, fe_setting, config.seed)
         arch, steps_run = base.arch, 0
         final_embeddings = features
     else:
-        assert recipe is not None and final is not None
+        c = candidates[chosen]
+        decision.reason += c.note
         # The folds' best share of their budget, the schedule compressed to end there: the learning rate
         # anneals to zero at the stop instead of being cut off mid-decay.
-        shortened = loop.shortened(final, best_step / recipe.steps)
-        job.planned -= final.steps - shortened.steps
-        arch, model, steps_run = crossfit.final_run(build, NAMES[chosen], deep_examples, deep_normalize, shortened,
+        shortened = loop.shortened(c.final, c.best_step / c.recipe.steps)
+        job.planned += shortened.steps - (planned_final if chosen == rule else 0)
+        arch, model, steps_run = crossfit.final_run(builder(c), NAMES[chosen], c.examples, c.normalize, shortened,
                                                     config.seed, job)  # fmt: skip
-        final_embeddings = loop.predict(model, deep_examples.pixels, deep_normalize)[1]
+        final_embeddings = loop.predict(model, c.examples.pixels, c.normalize)[1]
         model = model.cpu().eval()
+        preprocess = c.preprocess
 
     # 5. Calibration on the out-of-fold predictions.
     logits = oof[chosen]
@@ -247,7 +246,7 @@ def train(
         "val_examples": float(n),
         "folds": float(len(folds)),
         "steps": float(steps_run),
-        "epochs": steps_run / max(1, math.ceil(n / (final.batch_size if final else 1))),
+        "epochs": steps_run / max(1, math.ceil(n / candidates[chosen].final.batch_size)) if steps_run else 0.0,
         "train_seconds": time.monotonic() - job.started,
         "similarity": measured,
         "temperature": temperature,
@@ -259,8 +258,8 @@ def train(
     }
     if chosen == FEATURE_EXTRACTION:  # the head's setting, chosen out of fold (training/head.py)
         metrics["head_penalty"], metrics["head_emphasis"] = fe_setting.penalty, fe_setting.emphasis
-    elif recipe is not None:  # how much of its budget the folds chose: why a run was short or long
-        metrics["budget_share"] = best_step / recipe.steps
+    else:  # how much of its budget the folds chose: why a run was short or long
+        metrics["budget_share"] = candidates[chosen].best_step / candidates[chosen].recipe.steps
     if threshold.value is None:
         needed = calibration.labels_needed(confidence, correct, config.target_precision, 1 - config.confidence)
         metrics["auto_accept_labels_needed"] = float(needed) if needed else math.nan
@@ -272,7 +271,7 @@ def train(
         model=model,
         arch=arch,
         classes=examples.classes,
-        preprocess=deep_preprocess if chosen == deep else base.preprocess,
+        preprocess=preprocess,
         decision=decision,
         metrics=metrics,
         temperature=temperature,
@@ -280,6 +279,49 @@ def train(
         reference=reference_statistics(final_embeddings.numpy()) if model.embedding_dim <= MAX_REFERENCE_DIM else None,
         summary=_summary(accuracy, n, threshold, config, metrics.get("auto_accept_labels_needed")),
     )
+
+
+@dataclass
+class _Candidate:
+    """A deep strategy to cross-fit: the images it reads, its recipes, and the step its folds chose."""
+
+    strategy: str
+    examples: data.Examples
+    normalize: backbones.Normalizer
+    preprocess: Preprocess
+    recipe: loop.Recipe  # a fold's
+    final: loop.Recipe  # on every example
+    prefix: str  # of its runs' names in the checkpoint
+    note: str = ""  # for the reason, should it be published
+    best_step: int = 0
+
+
+def _candidate(strategy: str, index: int, base: Base, examples: data.Examples, normalize: backbones.Normalizer,
+               device: torch.device, config: TrainConfig, folds: int, job: Runs) -> _Candidate:  # fmt: skip
+    """From scratch reads the images at their own resolution (training/resolution.py), decoded once more."""
+    n = len(examples)
+    c = _Candidate(strategy, examples, normalize, base.preprocess,
+                   loop.recipe(strategy, n - n // folds, config.epochs, config.learning_rate),
+                   loop.recipe(strategy, n, config.epochs, config.learning_rate),
+                   prefix="" if index == 0 else f"{short_name(strategy)}-")  # fmt: skip
+    if strategy == FROM_SCRATCH and examples.source is not None:
+        c.preprocess = resolution.scratch_preprocess(base.preprocess, examples.source.short_sides())
+        if c.preprocess != base.preprocess:
+            c.examples = examples.decoded(c.preprocess, job.check)
+            c.normalize = backbones.Normalizer(c.preprocess, device)
+            c.note = (f"; from scratch at {c.preprocess.crop} px, the images' own resolution "
+                      f"(the base reads {base.preprocess.crop} px)")  # fmt: skip
+    return c
+
+
+def _tries_scratch(setting: str, device: torch.device) -> bool:
+    """Whether AUTO's trial also cross-fits from scratch (``TrainConfig.scratch_trial``).
+
+    From scratch can be the most accurate strategy on colour photos even at 20 labels per class, but its
+    folds cost 2-3 minutes on 2 CPU cores, more than the rest of an AUTO job, and in the one measured
+    run the trial's pick of it published a model less accurate than feature extraction's
+    (docs/benchmarks.md): so it is opt-in until measured over seeds."""
+    return setting == "always" or (setting == "gpu" and device.type == "cuda")
 
 
 def _base_pass(model: backbones.Classifier, fe_model: backbones.Classifier, pixels: torch.Tensor,

@@ -70,23 +70,31 @@ def decide(
     return Decision(requested, chosen, reason, examples, per_class, similarity, measure, k)
 
 
-def paired_trial(decision: Decision, oof: dict[str, torch.Tensor], labels: torch.Tensor, deep: str) -> None:
-    """Cross-validated model selection: the more accurate strategy out of fold; a tie keeps the rule's choice.
+def paired_trial(decision: Decision, oof: dict[str, torch.Tensor], labels: torch.Tensor) -> None:
+    """Cross-validated model selection: the strategy right on the most examples out of fold is published;
+    a tie keeps the rule's choice (``decision.chosen``), then the earlier candidate in ``oof``.
 
-    Both predicted the same examples, each from models that never saw it (paired). An earlier version
-    kept the rule's choice unless feature extraction won by two paired standard errors (about 6 points
-    at 160 examples); once feature extraction read every stage of the base, that margin kept the worse
-    strategy on the photo tasks (docs/benchmarks.md).
+    Every candidate predicted the same examples, each from models that never saw it (paired), so each
+    challenger is reported by its paired difference from the rule's choice with its standard error.
+    An earlier version kept the rule's choice unless feature extraction won by two paired standard
+    errors (about 6 points at 160 examples); once feature extraction read every stage of the base,
+    that margin kept the worse strategy on the photo tasks (docs/benchmarks.md).
     """
+    rule = decision.chosen
     right = {s: (logits.argmax(1) == labels).float() for s, logits in oof.items()}
     decision.trial = {NAMES[s]: float(r.mean()) for s, r in right.items()}
-    diff = right[FEATURE_EXTRACTION] - right[deep]
-    error = float(diff.std()) / math.sqrt(len(diff)) if len(diff) > 1 else 0.0
-    tried = (f"{NAMES[deep]} {decision.trial[NAMES[deep]]:.1%}, feature extraction "
-             f"{decision.trial[NAMES[FEATURE_EXTRACTION]]:.1%} out of fold, "
-             f"difference {float(diff.mean()):+.1%} ± {error:.1%}")  # fmt: skip
-    if float(diff.mean()) > 0:
-        decision.reason += f"; the paired trial preferred feature extraction ({tried})"
-        decision.chosen = FEATURE_EXTRACTION
+    order = [rule, *(s for s in right if s != rule)]
+    best = max(order, key=lambda s: float(right[s].sum()))  # max keeps the first of equals
+    accuracies = ", ".join(f"{NAMES[s]} {decision.trial[NAMES[s]]:.1%}" for s in order)
+    differences = "; ".join(f"{NAMES[s]} {_paired(right[s] - right[rule])}" for s in order[1:])
+    tried = f"{accuracies} out of fold; difference from {NAMES[rule]}: {differences}"
+    if best != rule:
+        decision.reason += f"; the paired trial preferred {NAMES[best]} ({tried})"
+        decision.chosen = best
     else:
         decision.reason += f"; confirmed by a paired trial ({tried})"
+
+
+def _paired(diff: torch.Tensor) -> str:
+    error = float(diff.std()) / math.sqrt(len(diff)) if len(diff) > 1 else 0.0
+    return f"{float(diff.mean()):+.1%} ± {error:.1%}"
