@@ -10,8 +10,9 @@
 1. One pass of the base model over the examples gives embeddings (feature extraction's cache) and
    the similarity to its pre-training data (training/similarity.py).
 2. The rule (training/strategy.py) picks a strategy from size and similarity.
-3. **Cross-fitting** (training/crossfit.py; the head's in training/head.py): the examples are split
-   into k stratified folds; each candidate strategy is trained k times, each time without one fold,
+3. **Cross-fitting** (training/crossfit.py; the head's in training/head.py) of each candidate
+   (feature extraction, the rule's choice, from scratch if asked: training/candidates.py): the
+   examples are split into k stratified folds; each candidate strategy is trained k times, each time without one fold,
    and predicts that fold. Every labelled example thus gets an out-of-fold prediction. They choose
    the training length (training/loop.py), make AUTO's trial a paired comparison on the same
    examples (training/strategy.py), and calibrate confidence and the auto-accept threshold
@@ -41,8 +42,8 @@ from prelabel.errors import InvalidArgument
 from prelabel.models import backbones
 from prelabel.models.base import reference_statistics
 from prelabel.preprocessing import Preprocess
-from prelabel.spec import DEFAULT_TARGET_PRECISION, SCRATCH_TRIAL, short_name
-from prelabel.training import calibration, crossfit, data, head, loop, resolution, stages
+from prelabel.spec import DEFAULT_TARGET_PRECISION, SCRATCH_TRIAL
+from prelabel.training import calibration, candidates, crossfit, data, head, loop, stages
 from prelabel.training.loop import Stopped
 from prelabel.training.runs import Checkpoint, Progress, ProgressCallback, Runs
 from prelabel.training.similarity import confidence_similarity, similarity
@@ -184,13 +185,13 @@ def train(
     # 2. Cross-fitting: out-of-fold logits of feature extraction (cheap) and of each deep candidate.
     auto_trial = config.strategy == AUTO and config.trial
     deep = [] if decision.chosen == FEATURE_EXTRACTION else [decision.chosen]
-    if auto_trial and FROM_SCRATCH not in deep and _tries_scratch(config.scratch_trial, device):
+    if auto_trial and FROM_SCRATCH not in deep and candidates.tries_scratch(config.scratch_trial, device):
         deep.append(FROM_SCRATCH)
-    candidates = {s: _candidate(s, i, base, examples, normalize, device, config, len(folds), job)
-                  for i, s in enumerate(deep)}  # fmt: skip
+    trial = {s: candidates.candidate(s, i, examples, base.preprocess, normalize, len(folds), config.epochs,
+                                     config.learning_rate, job.check) for i, s in enumerate(deep)}  # fmt: skip
     rule = decision.chosen
-    planned_final = candidates[rule].final.steps if rule in candidates else 0
-    job.planned = sum(c.recipe.steps * len(folds) for c in candidates.values()) + planned_final + 1
+    planned_final = trial[rule].final.steps if rule in trial else 0
+    job.planned = sum(c.recipe.steps * len(folds) for c in trial.values()) + planned_final + 1
     oof: dict[str, torch.Tensor] = {}
     fe_setting = head.Setting()  # chosen below whenever feature extraction can be published
     if not deep or auto_trial:
@@ -200,11 +201,11 @@ def train(
         oof[FEATURE_EXTRACTION] = fe_oof
         job.report(NAMES[FEATURE_EXTRACTION], 1, 1, accuracy=_accuracy(fe_oof, examples.labels))
 
-    def builder(c: _Candidate) -> crossfit.Build:  # fresh models of one deep strategy
+    def builder(c: candidates.Candidate) -> crossfit.Build:  # fresh models of one deep strategy
         return lambda: loop.strategy_model(base.model, base.arch, base.family, c.strategy, n_classes,
                                            decision.freeze_first_k, c.examples.pixels.shape[1])  # fmt: skip
 
-    for c in candidates.values():
+    for c in trial.values():
         oof[c.strategy], c.best_step = crossfit.crossfit(builder(c), NAMES[c.strategy], c.examples, folds,
                                                          c.normalize, c.recipe, config.seed, job, c.prefix)  # fmt: skip
 
@@ -221,7 +222,7 @@ def train(
         arch, steps_run = base.arch, 0
         final_embeddings = features
     else:
-        c = candidates[chosen]
+        c = trial[chosen]
         decision.reason += c.note
         # The folds' best share of their budget, the schedule compressed to end there: the learning rate
         # anneals to zero at the stop instead of being cut off mid-decay.
@@ -246,7 +247,7 @@ def train(
         "val_examples": float(n),
         "folds": float(len(folds)),
         "steps": float(steps_run),
-        "epochs": steps_run / max(1, math.ceil(n / candidates[chosen].final.batch_size)) if steps_run else 0.0,
+        "epochs": steps_run / max(1, math.ceil(n / trial[chosen].final.batch_size)) if steps_run else 0.0,
         "train_seconds": time.monotonic() - job.started,
         "similarity": measured,
         "temperature": temperature,
@@ -259,7 +260,7 @@ def train(
     if chosen == FEATURE_EXTRACTION:  # the head's setting, chosen out of fold (training/head.py)
         metrics["head_penalty"], metrics["head_emphasis"] = fe_setting.penalty, fe_setting.emphasis
     else:  # how much of its budget the folds chose: why a run was short or long
-        metrics["budget_share"] = candidates[chosen].best_step / candidates[chosen].recipe.steps
+        metrics["budget_share"] = trial[chosen].best_step / trial[chosen].recipe.steps
     if threshold.value is None:
         needed = calibration.labels_needed(confidence, correct, config.target_precision, 1 - config.confidence)
         metrics["auto_accept_labels_needed"] = float(needed) if needed else math.nan
@@ -279,49 +280,6 @@ def train(
         reference=reference_statistics(final_embeddings.numpy()) if model.embedding_dim <= MAX_REFERENCE_DIM else None,
         summary=_summary(accuracy, n, threshold, config, metrics.get("auto_accept_labels_needed")),
     )
-
-
-@dataclass
-class _Candidate:
-    """A deep strategy to cross-fit: the images it reads, its recipes, and the step its folds chose."""
-
-    strategy: str
-    examples: data.Examples
-    normalize: backbones.Normalizer
-    preprocess: Preprocess
-    recipe: loop.Recipe  # a fold's
-    final: loop.Recipe  # on every example
-    prefix: str  # of its runs' names in the checkpoint
-    note: str = ""  # for the reason, should it be published
-    best_step: int = 0
-
-
-def _candidate(strategy: str, index: int, base: Base, examples: data.Examples, normalize: backbones.Normalizer,
-               device: torch.device, config: TrainConfig, folds: int, job: Runs) -> _Candidate:  # fmt: skip
-    """From scratch reads the images at their own resolution (training/resolution.py), decoded once more."""
-    n = len(examples)
-    c = _Candidate(strategy, examples, normalize, base.preprocess,
-                   loop.recipe(strategy, n - n // folds, config.epochs, config.learning_rate),
-                   loop.recipe(strategy, n, config.epochs, config.learning_rate),
-                   prefix="" if index == 0 else f"{short_name(strategy)}-")  # fmt: skip
-    if strategy == FROM_SCRATCH and examples.source is not None:
-        c.preprocess = resolution.scratch_preprocess(base.preprocess, examples.source.short_sides())
-        if c.preprocess != base.preprocess:
-            c.examples = examples.decoded(c.preprocess, job.check)
-            c.normalize = backbones.Normalizer(c.preprocess, device)
-            c.note = (f"; from scratch at {c.preprocess.crop} px, the images' own resolution "
-                      f"(the base reads {base.preprocess.crop} px)")  # fmt: skip
-    return c
-
-
-def _tries_scratch(setting: str, device: torch.device) -> bool:
-    """Whether AUTO's trial also cross-fits from scratch (``TrainConfig.scratch_trial``).
-
-    From scratch can be the most accurate strategy on colour photos even at 20 labels per class, but its
-    folds cost 2-3 minutes on 2 CPU cores, more than the rest of an AUTO job, and in the one measured
-    run the trial's pick of it published a model less accurate than feature extraction's
-    (docs/benchmarks.md): so it is opt-in until measured over seeds."""
-    return setting == "always" or (setting == "gpu" and device.type == "cuda")
 
 
 def _base_pass(model: backbones.Classifier, fe_model: backbones.Classifier, pixels: torch.Tensor,
