@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
+from prelabel.errors import InvalidArgument
+
 AUTO = "STRATEGY_AUTO"
 FEATURE_EXTRACTION = "STRATEGY_FEATURE_EXTRACTION"
 FREEZE_FIRST_K = "STRATEGY_FREEZE_FIRST_K"
@@ -26,6 +28,12 @@ DEFAULT_TARGET_PRECISION = 0.95  # what auto-accept promises unless the request 
 # When AUTO's trial also cross-fits from scratch (PRELABEL_TRAINER_SCRATCH_TRIAL): never (the default),
 # on a GPU, always.
 SCRATCH_TRIAL = ("never", "gpu", "always")
+
+
+def check_scratch_trial(value: str, name: str) -> None:
+    """``value`` is one of :data:`SCRATCH_TRIAL`, or InvalidArgument naming ``name`` (the setting or field)."""
+    if value not in SCRATCH_TRIAL:
+        raise InvalidArgument(f"{name}={value!r}: choose one of {', '.join(SCRATCH_TRIAL)}")
 
 
 def short_name(strategy: str) -> str:

@@ -42,7 +42,7 @@ from prelabel.errors import InvalidArgument
 from prelabel.models import backbones
 from prelabel.models.base import reference_statistics
 from prelabel.preprocessing import Preprocess
-from prelabel.spec import DEFAULT_TARGET_PRECISION, SCRATCH_TRIAL
+from prelabel.spec import DEFAULT_TARGET_PRECISION, check_scratch_trial
 from prelabel.training import calibration, candidates, crossfit, data, head, loop, stages
 from prelabel.training.loop import Stopped
 from prelabel.training.runs import Checkpoint, Progress, ProgressCallback, Runs
@@ -157,8 +157,7 @@ def train(
         raise InvalidArgument(f"unknown strategy {config.strategy!r}; choose one of {', '.join(STRATEGIES)}")
     if not 0 < config.target_precision < 1:
         raise InvalidArgument(f"target_precision={config.target_precision} must be between 0 and 1")
-    if config.scratch_trial not in SCRATCH_TRIAL:
-        raise InvalidArgument(f"scratch_trial={config.scratch_trial!r}: choose one of {', '.join(SCRATCH_TRIAL)}")
+    check_scratch_trial(config.scratch_trial, "scratch_trial")
     data.check(examples)
     torch.manual_seed(config.seed)
     device = _device(config.device)
@@ -189,8 +188,7 @@ def train(
         deep.append(FROM_SCRATCH)
     trial = {s: candidates.candidate(s, i, examples, base.preprocess, normalize, len(folds), config.epochs,
                                      config.learning_rate, job.check) for i, s in enumerate(deep)}  # fmt: skip
-    rule = decision.chosen
-    planned_final = trial[rule].final.steps if rule in trial else 0
+    planned_final = trial[decision.chosen].final.steps if decision.chosen in trial else 0  # the rule's choice's
     job.planned = sum(c.recipe.steps * len(folds) for c in trial.values()) + planned_final + 1
     oof: dict[str, torch.Tensor] = {}
     fe_setting = head.Setting()  # chosen below whenever feature extraction can be published
@@ -227,7 +225,7 @@ def train(
         # The folds' best share of their budget, the schedule compressed to end there: the learning rate
         # anneals to zero at the stop instead of being cut off mid-decay.
         shortened = loop.shortened(c.final, c.best_step / c.recipe.steps)
-        job.planned += shortened.steps - (planned_final if chosen == rule else 0)
+        job.planned += shortened.steps - planned_final  # the final run that runs, instead of the one planned
         arch, model, steps_run = crossfit.final_run(builder(c), NAMES[chosen], c.examples, c.normalize, shortened,
                                                     config.seed, job)  # fmt: skip
         final_embeddings = loop.predict(model, c.examples.pixels, c.normalize)[1]

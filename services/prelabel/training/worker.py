@@ -30,7 +30,7 @@ from prelabel.queue import open_queue
 from prelabel.queue.contract import CANCELLED, FAILED, JOB_ID, QUEUED, SUCCEEDED, Job, JobQueue, check_job_id
 from prelabel.reachability import Reachability
 from prelabel.settings import Settings
-from prelabel.spec import SCRATCH_TRIAL
+from prelabel.spec import check_scratch_trial
 from prelabel.training import data, engine
 from prelabel.training.publish import load_into_triton, publish, running_triton
 from prelabel.triton.repository import repository_for
@@ -81,9 +81,7 @@ class Heartbeat(threading.Thread):
 
 class Trainer:
     def __init__(self, settings: Settings, name: str = "") -> None:
-        if settings.trainer_scratch_trial not in SCRATCH_TRIAL:
-            raise InvalidArgument(f"PRELABEL_TRAINER_SCRATCH_TRIAL={settings.trainer_scratch_trial!r}: "
-                                  f"choose one of {', '.join(SCRATCH_TRIAL)}")  # fmt: skip
+        check_scratch_trial(settings.trainer_scratch_trial, "PRELABEL_TRAINER_SCRATCH_TRIAL")  # at start, not per job
         self.settings = settings
         self.queue = open_queue(settings.queue)
         self.store = dataset_store(settings)
