@@ -29,6 +29,7 @@ from tests.stack import PRELABEL, Process, RedisServer, Stack, environment, free
 
 pytestmark = pytest.mark.stack
 DONE = (pb.SUCCEEDED, pb.FAILED, pb.CANCELLED)  # terminal states on the wire
+RESTART_EPOCHS = 15  # from scratch on 24 images: about 60 steps, long enough to restart a gateway mid-job
 
 
 @pytest.fixture(scope="module")
@@ -143,7 +144,7 @@ def start_job(address: str, dataset: str) -> pb.Job:
             iter([pb.UploadExamplesRequest(dataset=dataset, examples=labelled(8, 5))]), timeout=60
         )
         create = pb.CreateFineTuneJobRequest(
-            dataset=dataset, output_model=dataset, strategy=pb.STRATEGY_FROM_SCRATCH, epochs=15
+            dataset=dataset, output_model=dataset, strategy=pb.STRATEGY_FROM_SCRATCH, epochs=RESTART_EPOCHS
         )
         job: pb.Job = rpc.JobServiceStub(channel).CreateFineTuneJob(create, timeout=30)
     return job
@@ -248,8 +249,8 @@ def test_prelabel_finetune_rides_out_a_gateway_restart(stack, tmp_path):
     first = start_gateway()
     worker = trainer(stack.data_dir, queue_url, triton_url=stack.triton_url)
     cli = subprocess.Popen(
-        [PRELABEL, "finetune", str(folder), "--name", "cli-restart", "--strategy", "from_scratch", "--epochs", "15",
-         "--server", first.address, "--no-progress"],
+        [PRELABEL, "finetune", str(folder), "--name", "cli-restart", "--strategy", "from_scratch",
+         "--epochs", str(RESTART_EPOCHS), "--server", first.address, "--no-progress"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     second = None
