@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import importlib.util
 import io
 import itertools
@@ -35,6 +36,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import defaultdict
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from pathlib import Path
@@ -48,8 +50,9 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.gateway_vs_triton import load, pct
-from prelabel.models import backbones, device_decode
+from prelabel.models import backbones, device_decode, resample
 from prelabel.models.runner import Runner
+from prelabel.preprocessing import Preprocess
 from prelabel.training import loop
 from prelabel.training.data import Examples
 from prelabel.training.strategy import FULL_FINE_TUNE
@@ -179,13 +182,19 @@ def breakdown(runner: Runner, jpegs: list[bytes], device: torch.device, seconds:
     """Where the in-process pipeline's time goes, per batch (ms): nvJPEG decode alone, decode +
     resize/crop, the whole ``Runner.run``; on a GPU also a profile of one call, kernels by time."""
     preprocess, n = runner.card.preprocess, len(jpegs)
+    decoded = [f for f in device_decode.decode_jpegs(jpegs, device) if f is not None]
     steps = {
         "decode": lambda: len(device_decode.decode_jpegs(jpegs, device)),
         "decode + resize/crop": lambda: len(device_decode.decode_batch(jpegs, preprocess, device, [0] * n)),
+        "resize/crop alone": lambda: len(resample.resize_crop(decoded, preprocess)),
+        "resize/crop alone, grouped by size (before 2026-12-05)": lambda: len(grouped_resize(decoded, preprocess)),
         "Runner.run": lambda: len(runner.run(jpegs).error_codes),
     }
     out = {label: 1000 * n / timed(fn, device, seconds / 2)[0] for label, fn in steps.items()}
     print("per batch of", n, ":", ", ".join(f"{k} {v:.2f} ms" for k, v in out.items()), flush=True)
+    for label, fn in (("batched", resample.resize_crop), ("grouped by size", grouped_resize)):
+        calls = launches(functools.partial(fn, decoded, preprocess))
+        print(f"resize/crop {label}: {calls} operator calls that run a kernel, per batch", flush=True)
     if device.type == "cuda":
         from torch.profiler import ProfilerActivity, profile
 
@@ -195,6 +204,49 @@ def breakdown(runner: Runner, jpegs: list[bytes], device: torch.device, seconds:
         for key in ("self_cuda_time_total", "self_cpu_time_total"):
             print(prof.key_averages().table(sort_by=key, row_limit=12), flush=True)
     return out
+
+
+# Operators that only make views, allocate or forward to another operator: no kernel of their own.
+NO_KERNEL = {"as_strided", "slice", "select", "unsqueeze", "expand", "view", "_unsafe_view", "reshape", "permute",
+             "transpose", "unbind", "alias", "empty", "empty_strided", "empty_like", "resolve_conj", "lift_fresh",
+             "to", "_to_copy", "resize_", "matmul", "zeros", "__and__", "rsub", "clone"}  # fmt: skip
+
+
+def launches(fn: Callable[[], object]) -> int:
+    """Operator calls made by ``fn`` that run a kernel (a launch each on a GPU), from torch's profiler;
+    the same count on the CPU, so it can be compared where there is no GPU."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    return sum(e.count for e in prof.key_averages() if e.key.startswith("aten::") and e.key[6:] not in NO_KERNEL)
+
+
+def grouped_resize(images: list[torch.Tensor], preprocess: Preprocess) -> list[torch.Tensor]:
+    """The GPU path's resize before 2026-12-05 (the baseline of ``resample.resize_crop``): images of one
+    size resized together with ``F.interpolate``, so photos of many sizes cost operator calls each."""
+    crop = preprocess.crop
+    groups: dict[tuple[int, int], list[int]] = defaultdict(list)
+    for n, image in enumerate(images):
+        groups[(image.shape[1], image.shape[2])].append(n)
+    mode = preprocess.interpolation if preprocess.interpolation in ("bilinear", "bicubic") else "nearest"
+    batch = torch.empty((len(images), 3, crop, crop), device=images[0].device)
+    for (height, width), members in groups.items():
+        side = crop * min(height, width) / preprocess.resize
+        s = max(1, round(side))
+        top, left = round((height - side) / 2), round((width - side) / 2)
+        squares = [images[n][:, top : top + s, left : left + s] for n in members]
+        x = (torch.stack(squares) if len(squares) > 1 else squares[0][None]).float()
+        if mode == "nearest":
+            y = F.interpolate(x, size=(crop, crop), mode="nearest")
+        else:
+            y = F.interpolate(x, size=(crop, crop), mode=mode, antialias=True, align_corners=False)
+        if len(members) == len(images):
+            batch = y
+        else:
+            for k, n in enumerate(members):
+                batch[n] = y[k]
+    return list(batch.round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1))
 
 
 async def serving(stack: Stack, name: str, jpegs: list[bytes], args: argparse.Namespace,

@@ -107,12 +107,18 @@ def decode_or_error(content: bytes, preprocess: Preprocess, max_pixels: int = 0)
         return exc
 
 
+def crop_box(height: int, width: int, preprocess: Preprocess) -> tuple[float, float, float]:
+    """``(top, left, side)`` of the central square the model sees, in the image's own pixels (the CPU
+    and the GPU path crop the same square)."""
+    # At most the short side: ``crop / (resize / short)`` can come out a hair over it
+    # (64 / (64 / 107) = 107.00000000000001), and Pillow refuses a negative offset.
+    side = min(preprocess.crop * min(width, height) / preprocess.resize, width, height)
+    return (height - side) / 2, (width - side) / 2, side
+
+
 def resize_crop(image: Image.Image, preprocess: Preprocess) -> npt.NDArray[Any]:
     """Resize the short side to ``resize`` and take the central ``crop`` square, resizing only that square."""
-    # The crop, in the image's own pixels, at most the short side: ``crop / (resize / short)`` can come
-    # out a hair over it (64 / (64 / 107) = 107.00000000000001), and Pillow refuses a negative offset.
-    side = min(preprocess.crop * min(image.width, image.height) / preprocess.resize, image.width, image.height)
-    left, top = (image.width - side) / 2, (image.height - side) / 2
+    top, left, side = crop_box(image.height, image.width, preprocess)
     resample = _RESAMPLE.get(preprocess.interpolation, Image.Resampling.BILINEAR)
     image = image.resize((preprocess.crop, preprocess.crop), resample, box=(left, top, left + side, top + side),
                          reducing_gap=3.0)  # fmt: skip

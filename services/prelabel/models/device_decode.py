@@ -2,15 +2,16 @@
 
 On a GPU the CPU's decoding is the wall: an H100 decodes about 17,000 photos/s with nvJPEG, eight
 CPU cores about 1,200 with Pillow (``../shared/GPU.md``). So a GPU instance decodes JPEGs in batches
-on its own card and resizes and crops them there. Everything else is as on the CPU path: an image
-goes to nvJPEG only when its header (Pillow reads nothing more) shows an RGB or grey JPEG within
-the pixel limit; any other image, and any JPEG that nvJPEG refuses, is decoded by
-:func:`prelabel.preprocessing.decode`, which checks the limit on the header first and gives each
-unusable image its own error, exactly as on a CPU instance.
+on its own card and resizes and crops them there, all sizes together (:mod:`prelabel.models.resample`).
+Everything else is as on the CPU path: an image goes to nvJPEG only when its header (Pillow reads
+nothing more) shows an RGB or grey JPEG within the pixel limit; any other image, and any JPEG that
+nvJPEG refuses, is decoded by :func:`prelabel.preprocessing.decode`, which checks the limit on the
+header first and gives each unusable image its own error, exactly as on a CPU instance.
 
 GPU memory is bounded: one pass decodes at most ``PIXELS_PER_PASS`` pixels (3 bytes each, uint8
-RGB), and resizing holds a float copy of each image's central square (at most 12 bytes per decoded
-pixel): at most about 1 GiB with the default, whatever the batch or the photos' sizes.
+RGB), and :mod:`prelabel.models.resample` resizes them on float16 canvases of at most as many
+pixels (6 bytes each, plus a narrower intermediate): about 1 GiB at most with the default, whatever
+the batch or the photos' sizes.
 
 The same code runs on the CPU (``device="cpu"``, libjpeg-turbo), which is how CI tests it.
 """
@@ -19,15 +20,14 @@ from __future__ import annotations
 
 import io
 import warnings
-from collections import defaultdict
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from prelabel.batching import bounded
+from prelabel.models import resample
 from prelabel.preprocessing import ImageError, Preprocess, decode_or_error
 
 PIXELS_PER_PASS = 64 * 2**20  # decoded pixels held at once: 192 MiB of uint8 RGB
@@ -56,7 +56,8 @@ def decode_batch(
                 out[i] = _on_cpu(images[i], preprocess, max_pixels[i], device)
             else:
                 done.append((i, f))
-        for (i, _), pixels in zip(done, resize_crop([f for _, f in done], preprocess), strict=True):
+        squares = resample.resize_crop([f for _, f in done], preprocess, pixels_per_pass)
+        for (i, _), pixels in zip(done, squares, strict=True):
             out[i] = pixels
     return [out[i] for i in range(len(images))]
 
@@ -99,36 +100,3 @@ def decode_jpegs(contents: list[bytes], device: torch.device) -> list[torch.Tens
         except RuntimeError:
             out.append(None)
     return out
-
-
-def resize_crop(images: list[torch.Tensor], preprocess: Preprocess) -> list[torch.Tensor]:
-    """uint8 ``[3, H, W]`` images to uint8 ``[crop, crop, 3]``: the central square that the model sees,
-    resized with antialiasing (as Pillow does).
-
-    On a GPU this step costs kernel launches, not arithmetic (an H200 profile: 6 ms for 64 photos
-    against 4.5 ms to decode them), so images of the same size are resized together, each result is
-    written into one float batch, and rounding and the conversion to uint8 run once for the batch."""
-    if not images:
-        return []
-    crop = preprocess.crop
-    groups: dict[tuple[int, int], list[int]] = defaultdict(list)
-    for n, image in enumerate(images):
-        groups[(image.shape[1], image.shape[2])].append(n)
-    mode = preprocess.interpolation if preprocess.interpolation in ("bilinear", "bicubic") else "nearest"
-    batch = torch.empty((len(images), 3, crop, crop), device=images[0].device)
-    for (height, width), members in groups.items():
-        side = crop * min(height, width) / preprocess.resize  # the crop, in the image's own pixels
-        s = max(1, round(side))
-        top, left = round((height - side) / 2), round((width - side) / 2)
-        squares = [images[n][:, top : top + s, left : left + s] for n in members]
-        x = (torch.stack(squares) if len(squares) > 1 else squares[0][None]).float()
-        if mode == "nearest":
-            y = F.interpolate(x, size=(crop, crop), mode="nearest")
-        else:
-            y = F.interpolate(x, size=(crop, crop), mode=mode, antialias=True, align_corners=False)
-        if len(members) == len(images):
-            batch = y
-        else:
-            for k, n in enumerate(members):
-                batch[n] = y[k]
-    return list(batch.round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1))
