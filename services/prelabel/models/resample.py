@@ -8,9 +8,10 @@ canvas (one copy each), the weights of all of them are computed at once on the d
 batched matrix products resize the batch, whatever the mix of sizes.
 
 The weights are Pillow's (``ImagingResample``: the box's fractional position, a filter stretched by
-the downscaling factor, windows clipped at the image's edges and renormalised), so the GPU path sees
-the central square the CPU path (:func:`prelabel.preprocessing.resize_crop`) sees, within a level of
-rounding (Pillow rounds to 8 bits between its two passes, here nothing is rounded until the end).
+the downscaling factor, windows clipped at the image's edges and renormalised; columns first, rounded
+to 8 bits in between), so the GPU path crops the square the CPU path
+(:func:`prelabel.preprocessing.resize_crop`) crops and resizes it as Pillow would, within a level
+(Pillow's weights are fixed-point). The CPU path's draft-mode JPEG decoding still differs.
 """
 
 from __future__ import annotations
