@@ -71,7 +71,7 @@ def resize_crop(images: Sequence[torch.Tensor], preprocess: Preprocess, canvas_p
         return len(chunk) * int(extent[chunk, 0].max()) * int(extent[chunk, 1].max())
 
     for chunk in _split(order, canvas_size, canvas_pixels):
-        for n, pixels in zip(chunk, _resize(images, chunk, axes, filter_, dtype), strict=True):
+        for n, pixels in zip(chunk, _resize(images, chunk, axes, extent, filter_, dtype), strict=True):
             out[n] = pixels
     return out
 
@@ -124,11 +124,11 @@ def _weights(axes: list[Window], chunk: list[int], size: int, device: torch.devi
     return w / w.sum(-1, keepdim=True).clamp_(min=math.ulp(1.0))
 
 
-def _resize(images: Sequence[torch.Tensor], chunk: list[int], axes: list[Window],
+def _resize(images: Sequence[torch.Tensor], chunk: list[int], axes: list[Window], extent: npt.NDArray[np.int64],
             filter_: tuple[float, Callable[[torch.Tensor], torch.Tensor]] | None,
             dtype: torch.dtype) -> list[torch.Tensor]:  # fmt: skip
     device, n = images[chunk[0]].device, len(chunk)
-    rows, cols = ([int(a[1][m, -1] - a[0][m, 0]) for m in chunk] for a in axes)
+    rows, cols = extent[chunk, 0].tolist(), extent[chunk, 1].tolist()
     height, width = max(rows), max(cols)
     canvas = torch.zeros((n, 3, height, width), device=device, dtype=dtype)
     for k, m in enumerate(chunk):  # the one operation per image
