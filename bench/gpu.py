@@ -36,6 +36,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from collections import defaultdict
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
@@ -179,11 +180,13 @@ def gpu_memory() -> str:
 
 
 def breakdown(runner: Runner, jpegs: list[bytes], device: torch.device, seconds: float) -> dict[str, float]:
-    """Where the in-process pipeline's time goes, per batch (ms): nvJPEG decode alone, decode +
-    resize/crop, the whole ``Runner.run``; on a GPU also a profile of one call, kernels by time."""
+    """Where the in-process pipeline's time goes, per batch (ms): the header check, nvJPEG decode
+    alone, decode + resize/crop, the whole ``Runner.run``; on a GPU also a profile of one call, kernels by time."""
     preprocess, n = runner.card.preprocess, len(jpegs)
     decoded = [f for f in device_decode.decode_jpegs(jpegs, device) if f is not None]
     steps = {
+        "header check": lambda: sum(device_decode._nvjpeg_pixels(c, 0) is not None for c in jpegs),
+        "header check with Pillow (before 2026-12-05)": lambda: sum(pillow_header(c, 0) is not None for c in jpegs),
         "decode": lambda: len(device_decode.decode_jpegs(jpegs, device)),
         "decode + resize/crop": lambda: len(device_decode.decode_batch(jpegs, preprocess, device, [0] * n)),
         "resize/crop alone": lambda: len(resample.resize_crop(decoded, preprocess)),
@@ -204,6 +207,22 @@ def breakdown(runner: Runner, jpegs: list[bytes], device: torch.device, seconds:
         for key in ("self_cuda_time_total", "self_cpu_time_total"):
             print(prof.key_averages().table(sort_by=key, row_limit=12), flush=True)
     return out
+
+
+def pillow_header(content: bytes, max_pixels: int) -> int | None:
+    """The GPU path's header check before 2026-12-05 (the baseline of ``jpeg_frame``): ``Image.open``."""
+    if not content[-4096:].rstrip(b"\0").endswith(b"\xff\xd9"):
+        return None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            image = Image.open(io.BytesIO(content))
+    except Exception:
+        return None
+    pixels = image.width * image.height
+    if image.format != "JPEG" or image.mode not in ("RGB", "L") or (max_pixels and pixels > max_pixels):
+        return None
+    return pixels
 
 
 # Operators that only make views, allocate or forward to another operator: no kernel of their own.

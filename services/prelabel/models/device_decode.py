@@ -3,10 +3,11 @@
 On a GPU the CPU's decoding is the wall: an H100 decodes about 17,000 photos/s with nvJPEG, eight
 CPU cores about 1,200 with Pillow (``../shared/GPU.md``). So a GPU instance decodes JPEGs in batches
 on its own card and resizes and crops them there, all sizes together (:mod:`prelabel.models.resample`).
-Everything else is as on the CPU path: an image goes to nvJPEG only when its header (Pillow reads
-nothing more) shows an RGB or grey JPEG within the pixel limit; any other image, and any JPEG that
-nvJPEG refuses, is decoded by :func:`prelabel.preprocessing.decode`, which checks the limit on the
-header first and gives each unusable image its own error, exactly as on a CPU instance.
+Everything else is as on the CPU path: an image goes to nvJPEG only when its frame header
+(:mod:`prelabel.models.jpeg_frame`, nothing more is read) shows a JPEG nvJPEG decodes within the
+pixel limit; any other image, and any JPEG that nvJPEG refuses, is decoded by
+:func:`prelabel.preprocessing.decode`, which checks the limit on the header first and gives each
+unusable image its own error, exactly as on a CPU instance.
 
 GPU memory is bounded: one pass decodes at most ``PIXELS_PER_PASS`` pixels (3 bytes each, uint8
 RGB), and :mod:`prelabel.models.resample` resizes them on float16 canvases of at most as many
@@ -18,8 +19,6 @@ The same code runs on the CPU (``device="cpu"``, libjpeg-turbo), which is how CI
 
 from __future__ import annotations
 
-import io
-import warnings
 from collections.abc import Sequence
 
 import torch
@@ -27,10 +26,11 @@ from PIL import Image
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from prelabel.batching import bounded
-from prelabel.models import resample
+from prelabel.models import jpeg_frame, resample
 from prelabel.preprocessing import ImageError, Preprocess, decode_or_error
 
 PIXELS_PER_PASS = 64 * 2**20  # decoded pixels held at once: 192 MiB of uint8 RGB
+NVJPEG_FRAMES = (0xC0, 0xC1, 0xC2)  # Huffman-coded baseline, extended and progressive JPEGs
 
 Decoded = torch.Tensor | ImageError  # uint8 [crop, crop, 3] on the device, or why the image is unusable
 
@@ -63,20 +63,20 @@ def decode_batch(
 
 
 def _nvjpeg_pixels(content: bytes, max_pixels: int) -> int | None:
-    """The pixel count of an RGB or grey JPEG within the limit, from its header; None sends it to the CPU.
+    """The pixel count of a JPEG that nvJPEG decodes (8-bit, Huffman-coded, grey or three
+    components) within the limits, from its frame header; None sends it to the CPU path.
 
     A JPEG that does not end with its end-of-image marker goes to the CPU too: nvJPEG decodes a
-    truncated file without complaint (grey where the data stops), the CPU path rejects it."""
+    truncated file without complaint (grey where the data stops), the CPU path rejects it. So does
+    one over Pillow's decompression-bomb limit, which the CPU path reports."""
     if not content[-4096:].rstrip(b"\0").endswith(b"\xff\xd9"):
         return None
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            image = Image.open(io.BytesIO(content))
-    except Exception:  # unreadable, or over Pillow's own limit: the CPU path says why
+    frame = jpeg_frame.read_frame(content)
+    if frame is None or frame.marker not in NVJPEG_FRAMES or frame.precision != 8 or frame.components not in (1, 3):
         return None
-    pixels = image.width * image.height
-    if image.format != "JPEG" or image.mode not in ("RGB", "L") or (max_pixels and pixels > max_pixels):
+    pixels = frame.width * frame.height
+    bomb = 2 * (Image.MAX_IMAGE_PIXELS or 0)
+    if not pixels or (max_pixels and pixels > max_pixels) or (bomb and pixels > bomb):
         return None
     return pixels
 
