@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import functools
+import importlib
 import importlib.util
 import io
 import itertools
@@ -41,6 +42,7 @@ from collections import defaultdict
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
@@ -199,6 +201,7 @@ def breakdown(runner: Runner, jpegs: list[bytes], device: torch.device, seconds:
         calls = launches(functools.partial(fn, decoded, preprocess))
         print(f"resize/crop {label}: {calls} operator calls that run a kernel, per batch", flush=True)
     if device.type == "cuda":
+        nvimgcodec_decoding(jpegs, decoded, device, seconds / 2)
         from torch.profiler import ProfilerActivity, profile
 
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
@@ -207,6 +210,39 @@ def breakdown(runner: Runner, jpegs: list[bytes], device: torch.device, seconds:
         for key in ("self_cuda_time_total", "self_cpu_time_total"):
             print(prof.key_averages().table(sort_by=key, row_limit=12), flush=True)
     return out
+
+
+def nvimgcodec_decoding(jpegs: list[bytes], reference: list[torch.Tensor], device: torch.device,
+                        seconds: float) -> None:  # fmt: skip
+    """nvImageCodec's batched decode beside torchvision's nvJPEG (a lever not yet in Prelabel: it can use
+    the JPEG hardware decoders of an A100/H100/H200, which take Huffman decoding off the CPU that caps
+    the GPU path). Each backend kind's images/s, and its pixels against torchvision's (mean difference
+    in levels). Carried by ``bench/gpu_extras.sh``; absent, it says so and the bench goes on."""
+    try:
+        nvimgcodec: Any = importlib.import_module("nvidia.nvimgcodec")
+    except ImportError as exc:
+        print(f"nvImageCodec: not installed ({exc}); run bench/gpu_extras.sh after prepare.sh", flush=True)
+        return
+    kinds = {"default": None, "hardware only": "HW_GPU_ONLY", "CUDA only": "GPU_ONLY", "hybrid": "HYBRID_CPU_GPU"}
+    for label, kind in kinds.items():
+        try:
+            backends = None if kind is None else [nvimgcodec.Backend(getattr(nvimgcodec.BackendKind, kind))]
+            decoder = nvimgcodec.Decoder(device_id=device.index or 0, backends=backends)
+
+            def decode(decoder=decoder) -> list[torch.Tensor]:  # type: ignore[no-untyped-def]
+                return [torch.as_tensor(im, device=device) for im in decoder.decode(jpegs) if im is not None]
+
+            got = decode()
+            if len(got) != len(reference):
+                print(f"nvImageCodec {label}: decoded {len(got)} of {len(reference)}", flush=True)
+                continue
+            rate = timed(lambda decode=decode: len(decode()), device, seconds)[0]
+            diff = statistics.mean((g.permute(2, 0, 1).float() - r.float()).abs().mean().item()
+                                   for g, r in zip(got, reference, strict=True))  # fmt: skip
+            print(f"nvImageCodec {label}: {rate:,.0f} images/s, {1000 * len(jpegs) / rate:.2f} ms per batch, "
+                  f"{diff:.2f} levels from torchvision's decode", flush=True)
+        except Exception as exc:  # a backend this card or build lacks: say so, measure the rest
+            print(f"nvImageCodec {label}: failed: {exc}", flush=True)
 
 
 def pillow_header(content: bytes, max_pixels: int) -> int | None:

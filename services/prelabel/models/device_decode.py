@@ -19,6 +19,7 @@ The same code runs on the CPU (``device="cpu"``, libjpeg-turbo), which is how CI
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -88,7 +89,9 @@ def _on_cpu(content: bytes, preprocess: Preprocess, max_pixels: int, device: tor
 
 def decode_jpegs(contents: list[bytes], device: torch.device) -> list[torch.Tensor | None]:
     """uint8 ``[3, H, W]`` per JPEG, in one batched call; on failure image by image, None where refused."""
-    data = [torch.frombuffer(bytearray(c), dtype=torch.uint8) for c in contents]
+    with warnings.catch_warnings():  # read-only buffers: decode_jpeg only reads them, so no copy is made
+        warnings.simplefilter("ignore", UserWarning)
+        data = [torch.frombuffer(c, dtype=torch.uint8) for c in contents]
     try:
         return list(decode_jpeg(data, mode=ImageReadMode.RGB, device=device))
     except RuntimeError:
