@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import io
 import urllib.error
 from pathlib import Path
@@ -216,6 +217,42 @@ def test_device_decoding_matches_pillow_and_keeps_per_image_errors(device):
             # resizes with antialiasing: a level or two apart on average, never a different picture.
             assert np.abs(got.cpu().numpy().astype(float) - expected.astype(float)).mean() < 3, name
     assert isinstance(on_device[-1], TooManyPixels)  # checked on the header, before any decode
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_torchcodec_and_torchvision_decode_the_same_jpegs(device, monkeypatch):
+    """The GPU path decodes with TorchCodec (torchvision's decoder is deprecated since 0.29) and keeps
+    torchvision's where TorchCodec cannot load (an older torch): the same pixels, the same refusals."""
+    from torchvision.io import decode_jpeg
+
+    if device_decode.DECODER != "torchcodec":  # only where the pinned TorchCodec really cannot load
+        with pytest.raises(Exception):  # noqa: B017 - absent, too old or built for another torch
+            importlib.import_module("torchcodec.decoders").decode_jpeg  # noqa: B018
+        return
+    jpegs = [content for name, content in _photo_jpegs().items() if name != "empty"]
+    ours = device_decode.decode_jpegs(jpegs, torch.device(device))
+    monkeypatch.setattr(device_decode, "_decode_jpeg", decode_jpeg)
+    theirs = device_decode.decode_jpegs(jpegs, torch.device(device))
+    assert [o is None for o in ours] == [t is None for t in theirs]
+    assert sum(o is not None for o in ours) >= 5 and sum(o is None for o in ours) >= 2  # corrupt, PNG
+    for o, t in zip(ours, theirs, strict=True):
+        if o is not None:
+            assert torch.equal(o, t)
+
+
+def test_without_torchcodec_the_gpu_path_says_so_and_decodes_with_torchvision(monkeypatch, caplog):
+    real = importlib.import_module
+
+    def no_torchcodec(name: str, *args):  # as where TorchCodec was built for another torch
+        if name.startswith("torchcodec"):
+            raise OSError("libtorchcodec_core9.so: undefined symbol")
+        return real(name, *args)
+
+    monkeypatch.setattr(importlib, "import_module", no_torchcodec)
+    with caplog.at_level("INFO", logger="prelabel.models.device_decode"):
+        name, decode = device_decode._jpeg_decoder()
+    assert name == "torchvision" and decode.__module__.startswith("torchvision")
+    assert "TorchCodec's JPEG decoder is unavailable (libtorchcodec_core9.so: undefined symbol)" in caplog.text
 
 
 def test_truncated_jpegs_go_to_the_cpu_path():

@@ -1,4 +1,4 @@
-"""JPEG decoding, resizing and cropping on the GPU (nvJPEG through ``torchvision.io.decode_jpeg``).
+"""JPEG decoding, resizing and cropping on the GPU (nvJPEG through TorchCodec's ``decode_jpeg``).
 
 On a GPU the CPU's decoding is the wall: an H100 decodes about 17,000 photos/s with nvJPEG, eight
 CPU cores about 1,200 with Pillow (``../shared/GPU.md``). So a GPU instance decodes JPEGs in batches
@@ -19,16 +19,20 @@ The same code runs on the CPU (``device="cpu"``, libjpeg-turbo), which is how CI
 
 from __future__ import annotations
 
+import importlib
+import logging
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from PIL import Image
-from torchvision.io import ImageReadMode, decode_jpeg
 
 from prelabel.batching import bounded
 from prelabel.models import jpeg_frame, resample
 from prelabel.preprocessing import ImageError, Preprocess, decode_or_error
+
+log = logging.getLogger(__name__)
 
 PIXELS_PER_PASS = 64 * 2**20  # decoded pixels held at once: 192 MiB of uint8 RGB
 NVJPEG_FRAMES = (0xC0, 0xC1, 0xC2)  # Huffman-coded baseline, extended and progressive JPEGs
@@ -87,19 +91,38 @@ def _on_cpu(content: bytes, preprocess: Preprocess, max_pixels: int, device: tor
     return pixels if isinstance(pixels, ImageError) else torch.tensor(pixels, device=device)
 
 
+def _jpeg_decoder() -> tuple[str, Callable[..., Any]]:
+    """TorchCodec's ``decode_jpeg`` (>= 0.16), which supersedes torchvision's (deprecated since 0.29);
+    torchvision's where TorchCodec cannot load: an environment pinned to an older torch, such as the
+    lent GPU machine's 2.11 or an NGC image, has no TorchCodec with image decoders. Same call, same
+    pixels (tests/test_models.py)."""
+    try:
+        decoders = importlib.import_module("torchcodec.decoders")  # (its stubs do not export decode_jpeg)
+        return "torchcodec", decoders.decode_jpeg
+    except Exception as exc:  # absent, too old, or built for another torch (a failed library load)
+        from torchvision.io import decode_jpeg as torchvision_decode_jpeg
+
+        log.info("TorchCodec's JPEG decoder is unavailable (%s); the GPU path decodes with torchvision's", exc)
+        return "torchvision", torchvision_decode_jpeg
+
+
+DECODER, _decode_jpeg = _jpeg_decoder()
+
+
 def decode_jpegs(contents: list[bytes], device: torch.device) -> list[torch.Tensor | None]:
     """uint8 ``[3, H, W]`` per JPEG, in one batched call; on failure image by image, None where refused."""
-    with warnings.catch_warnings():  # read-only buffers: decode_jpeg only reads them, so no copy is made
-        warnings.simplefilter("ignore", UserWarning)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # read-only buffers: only read, so no copy is made
+        warnings.simplefilter("ignore", DeprecationWarning)  # torchvision's decoder, where it is the one
         data = [torch.frombuffer(c, dtype=torch.uint8) for c in contents]
-    try:
-        return list(decode_jpeg(data, mode=ImageReadMode.RGB, device=device))
-    except RuntimeError:
-        pass
-    out: list[torch.Tensor | None] = []
-    for d in data:
         try:
-            out.append(decode_jpeg(d, mode=ImageReadMode.RGB, device=device))
+            return list(_decode_jpeg(data, mode="RGB", device=device))
         except RuntimeError:
-            out.append(None)
-    return out
+            pass
+        out: list[torch.Tensor | None] = []
+        for d in data:
+            try:
+                out.append(_decode_jpeg(d, mode="RGB", device=device))
+            except RuntimeError:
+                out.append(None)
+        return out
