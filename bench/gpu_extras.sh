@@ -3,7 +3,7 @@
 # on the JPEG hardware decoders of an A100/H100/H200, a lever not yet in Prelabel) and the nvJPEG
 # library it loads. Run from the project root after ../shared/gpu/prepare.sh; bench/gpu_all.sh
 # unpacks it on the device. Slimmed (Python 3.12 only; the JPEG codecs only) to stay well inside the
-# 64 MiB transfer: about 9 MB more.
+# 64 MiB transfer: about 6 MB more.
 set -euo pipefail
 test -f .gpu/install.sh || { echo "run ../shared/gpu/prepare.sh first" >&2; exit 1; }
 plat=(--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64)

@@ -225,13 +225,13 @@ def test_torchcodec_and_torchvision_decode_the_same_jpegs(device, monkeypatch):
     torchvision's where TorchCodec cannot load (an older torch): the same pixels, the same refusals."""
     from torchvision.io import decode_jpeg
 
-    if device_decode.DECODER != "torchcodec":  # only where the pinned TorchCodec really cannot load
+    if device_decode.jpeg_decoder()[0] != "torchcodec":  # only where the pinned TorchCodec really cannot load
         with pytest.raises(Exception):  # noqa: B017 - absent, too old or built for another torch
             importlib.import_module("torchcodec.decoders").decode_jpeg  # noqa: B018
         return
     jpegs = [content for name, content in _photo_jpegs().items() if name != "empty"]
     ours = device_decode.decode_jpegs(jpegs, torch.device(device))
-    monkeypatch.setattr(device_decode, "_decode_jpeg", decode_jpeg)
+    monkeypatch.setattr(device_decode, "jpeg_decoder", lambda: ("torchvision", decode_jpeg))
     theirs = device_decode.decode_jpegs(jpegs, torch.device(device))
     assert [o is None for o in ours] == [t is None for t in theirs]
     assert sum(o is not None for o in ours) >= 5 and sum(o is None for o in ours) >= 2  # corrupt, PNG
@@ -250,7 +250,7 @@ def test_without_torchcodec_the_gpu_path_says_so_and_decodes_with_torchvision(mo
 
     monkeypatch.setattr(importlib, "import_module", no_torchcodec)
     with caplog.at_level("INFO", logger="prelabel.models.device_decode"):
-        name, decode = device_decode._jpeg_decoder()
+        name, decode = device_decode.jpeg_decoder.__wrapped__()  # not the cached lookup
     assert name == "torchvision" and decode.__module__.startswith("torchvision")
     assert "TorchCodec's JPEG decoder is unavailable (libtorchcodec_core9.so: undefined symbol)" in caplog.text
 

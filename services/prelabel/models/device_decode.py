@@ -19,6 +19,7 @@ The same code runs on the CPU (``device="cpu"``, libjpeg-turbo), which is how CI
 
 from __future__ import annotations
 
+import functools
 import importlib
 import logging
 import warnings
@@ -91,11 +92,12 @@ def _on_cpu(content: bytes, preprocess: Preprocess, max_pixels: int, device: tor
     return pixels if isinstance(pixels, ImageError) else torch.tensor(pixels, device=device)
 
 
-def _jpeg_decoder() -> tuple[str, Callable[..., Any]]:
+@functools.cache
+def jpeg_decoder() -> tuple[str, Callable[..., Any]]:
     """TorchCodec's ``decode_jpeg`` (>= 0.16), which supersedes torchvision's (deprecated since 0.29);
     torchvision's where TorchCodec cannot load: an environment pinned to an older torch, such as the
     lent GPU machine's 2.11 or an NGC image, has no TorchCodec with image decoders. Same call, same
-    pixels (tests/test_models.py)."""
+    pixels (tests/test_models.py). Looked up on first use: CPU instances never load it."""
     try:
         decoders = importlib.import_module("torchcodec.decoders")  # (its stubs do not export decode_jpeg)
         return "torchcodec", decoders.decode_jpeg
@@ -106,23 +108,21 @@ def _jpeg_decoder() -> tuple[str, Callable[..., Any]]:
         return "torchvision", torchvision_decode_jpeg
 
 
-DECODER, _decode_jpeg = _jpeg_decoder()
-
-
 def decode_jpegs(contents: list[bytes], device: torch.device) -> list[torch.Tensor | None]:
     """uint8 ``[3, H, W]`` per JPEG, in one batched call; on failure image by image, None where refused."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # read-only buffers: only read, so no copy is made
         warnings.simplefilter("ignore", DeprecationWarning)  # torchvision's decoder, where it is the one
         data = [torch.frombuffer(c, dtype=torch.uint8) for c in contents]
+        decode = jpeg_decoder()[1]
         try:
-            return list(_decode_jpeg(data, mode="RGB", device=device))
+            return list(decode(data, mode="RGB", device=device))
         except RuntimeError:
             pass
         out: list[torch.Tensor | None] = []
         for d in data:
             try:
-                out.append(_decode_jpeg(d, mode="RGB", device=device))
+                out.append(decode(d, mode="RGB", device=device))
             except RuntimeError:
                 out.append(None)
         return out
