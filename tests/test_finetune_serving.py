@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import re
 import subprocess
 import threading
 
@@ -122,7 +123,8 @@ def test_cli_train_publishes_and_loads_into_the_running_triton(stack, predict_st
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert run.returncode == 0, run.stderr
-    assert "90 images in 6 classes" in run.stderr and "%|" in run.stderr  # the progress bar
+    assert "90 images in 6 classes" in run.stderr
+    assert re.search(r"\d+/\d+: +\d+%\|[^|]+\| [a-z]", run.stderr), run.stderr[-500:]  # the bar, then what it does
     assert "published cli-novel version 1: 90 examples, 15 per class, frechet similarity" in run.stdout
     assert "feature extraction" in run.stdout and f"loaded into Triton at {stack.triton_url}" in run.stdout
     test_images, truth = held_out(52)

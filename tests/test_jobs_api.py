@@ -3,6 +3,7 @@ trainer process, the embedded Triton): end to end, status codes, cancel, paginat
 
 from __future__ import annotations
 
+import re
 import subprocess
 import time
 import uuid
@@ -175,7 +176,11 @@ def test_cli_finetune_shows_progress_and_prints_the_version(stack, tmp_path):
     done = subprocess.run(cli, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert "dataset 'cli-shapes': 24 images" in done.stderr and "uploading" in done.stderr
+    # the job's bar: its state, the percentage and what it is doing, e.g. "running:  60%|██████    | feature ..."
+    assert re.search(r"succeeded: 100%\|[^|]+\| cross-validated accuracy", done.stderr), done.stderr[-500:]
     assert "published cli-shapes version 1" in done.stdout and "cross-validated accuracy" in done.stdout
     listed = subprocess.run([PRELABEL, "jobs", "--server", stack.address, "--state", "succeeded"],
                             capture_output=True, text=True, timeout=60)  # fmt: skip
     assert listed.returncode == 0 and "cli-shapes v1" in listed.stdout
+    # `prelabel serve` started its trainer while gRPC calls were in flight: no gRPC fork-handler noise
+    assert not [line for line in stack.process.stderr if "fork()" in line], "".join(stack.process.stderr[-20:])

@@ -106,11 +106,14 @@ def test_failed_attempts_retry_then_fail_with_the_last_error(queue):
 
 def test_cancel(queue):
     waiting, running = queue.submit(SPEC), queue.submit(SPEC)
-    assert queue.cancel(waiting.id).state == CANCELLED
+    cancelled = queue.cancel(waiting.id)
+    assert (cancelled.state, cancelled.message) == (CANCELLED, "cancelled before it started")
     assert queue.claim("w1", 30).id == running.id  # the cancelled job never starts
     assert queue.cancel(running.id).cancel_requested
-    assert not queue.heartbeat(running.id, "w1", 30, 0.4, "")  # the worker is told to stop
-    assert queue.finish(running.id, "w1", CANCELLED).state == CANCELLED
+    assert not queue.heartbeat(running.id, "w1", 30, 0.4, "full fine-tuning: step 9/20, about 60s left")
+    ended = queue.finish(running.id, "w1", CANCELLED)
+    # not the last progress message, which would read as if the job were still running
+    assert (ended.state, ended.message) == (CANCELLED, "cancelled at 40%")
     with pytest.raises(FailedPrecondition, match="already ended CANCELLED"):
         queue.cancel(running.id)
 

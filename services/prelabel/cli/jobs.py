@@ -15,6 +15,7 @@ import grpc
 from tqdm import tqdm
 
 from prelabel.cli.client import Credentials, batched, channel
+from prelabel.cli.progress import StatusBar
 from prelabel.datasets.folder import labelled_files
 from prelabel.spec import full_name
 from prelabel.v1 import prelabel_pb2 as pb
@@ -45,22 +46,19 @@ def _upload(stub: rpc.DatasetServiceStub, dataset: str, files: list[tuple[Path, 
 def watch(stub: rpc.JobServiceStub, job: pb.Job, quiet: bool) -> pb.Job:
     """Follow ``job`` to a terminal state with a progress bar, reconnecting if the gateway restarts."""
     down_since: float | None = None
-    with tqdm(total=100, unit="%", disable=quiet, file=sys.stderr, bar_format="{l_bar}{bar}| {postfix}") as bar:
+    with StatusBar(disable=quiet) as bar:
         while job.state not in TERMINAL:
             try:
                 for update in stub.WatchJob(pb.WatchJobRequest(id=job.id)):
                     job, down_since = update, None
-                    bar.set_description_str(pb.JobState.Name(job.state).lower())
-                    bar.set_postfix_str(job.message[:80])
-                    bar.n = round(job.progress * 100)
-                    bar.refresh()
+                    bar.show(pb.JobState.Name(job.state).lower(), job.message, job.progress)
             except grpc.RpcError as exc:
                 if exc.code() != grpc.StatusCode.UNAVAILABLE:
                     raise
                 down_since = down_since or time.monotonic()
                 if time.monotonic() - down_since > RECONNECT_FOR_S:
                     raise
-                bar.set_postfix_str("gateway unreachable; reconnecting (the job goes on)")
+                bar.show("reconnecting", "the gateway is unreachable; the job goes on", job.progress)
                 time.sleep(1.0)
     return job
 

@@ -6,8 +6,7 @@ import argparse
 import asyncio
 import sys
 
-from tqdm import tqdm
-
+from prelabel.cli.progress import StatusBar
 from prelabel.settings import Settings
 from prelabel.spec import full_name
 from prelabel.training import data, engine
@@ -32,15 +31,10 @@ def train(settings: Settings, args: argparse.Namespace) -> int:
         device=settings.trainer_device,
         scratch_trial=settings.trainer_scratch_trial,
     )
-    with tqdm(
-        total=100, unit="%", disable=args.no_progress, file=sys.stderr, bar_format="{l_bar}{bar}| {postfix}"
-    ) as bar:
+    with StatusBar(disable=args.no_progress) as bar:
 
         def show(p: engine.Progress) -> None:
-            bar.set_description_str(f"{p.stage} {p.step}/{p.steps}")
-            bar.set_postfix_str(p.message.partition(", ")[2])
-            bar.n = round(p.fraction * 100)
-            bar.refresh()
+            bar.show(f"{p.stage} {p.step}/{p.steps}", p.message.partition(", ")[2], p.fraction)
 
         result = engine.train(base, examples, config, show)
     version = publish(repository, args.name, result, base)

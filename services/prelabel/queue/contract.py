@@ -128,7 +128,7 @@ class JobQueue(ABC):
 def take(job: Job, worker: str, lease_s: float, now: float) -> bool:
     """Claim ``job`` (QUEUED, or RUNNING with an expired lease); False if it is closed instead."""
     if job.state == RUNNING and job.cancel_requested:
-        job.state, job.finished_at = CANCELLED, now
+        _cancelled(job, now)
         return False
     if job.state == RUNNING and job.attempts >= job.max_attempts:
         job.state, job.finished_at = FAILED, now
@@ -156,6 +156,8 @@ def end(job: Job, worker: str, state: str, error: str, result: dict[str, Any] | 
         state = CANCELLED
     elif state == QUEUED and job.attempts >= job.max_attempts:
         state = FAILED
+    if state == CANCELLED:
+        _cancelled(job, now)
     job.state, job.error, job.lease_expires_at = state, error, 0.0
     job.result.update(result or {})
     job.metrics.update(metrics or {})
@@ -170,18 +172,26 @@ def end(job: Job, worker: str, state: str, error: str, result: dict[str, Any] | 
 def give_back(job: Job, worker: str, message: str) -> None:
     if job.state != RUNNING or job.worker != worker:
         raise FailedPrecondition(f"job {job.id} is not running for worker {worker} (it is {job.state})")
+    job.worker, job.lease_expires_at, job.message = "", 0.0, message
     if job.cancel_requested:
-        job.state, job.finished_at = CANCELLED, time.time()
+        _cancelled(job, time.time())
     else:
         job.state, job.attempts = QUEUED, job.attempts - 1
-    job.worker, job.lease_expires_at, job.message = "", 0.0, message
 
 
 def stop(job: Job, now: float) -> None:
     if job.state in TERMINAL:
         raise FailedPrecondition(f"job {job.id} already ended {job.state}; there is nothing to cancel")
     if job.state == QUEUED:
-        job.state, job.finished_at = CANCELLED, now
+        _cancelled(job, now)
     else:
         job.cancel_requested = True
         job.message = "cancelling: the worker stops at its next heartbeat"
+
+
+def _cancelled(job: Job, now: float) -> None:
+    """CANCELLED, with a message that says how far it got: the last progress message would read as if it ran on."""
+    job.state, job.finished_at = CANCELLED, now
+    job.message = (
+        f"cancelled at {job.progress:.0%}" if job.started_at else "cancelled before it started"
+    )
