@@ -2,7 +2,7 @@
 """Prelabel on a GPU against raw torch on the same GPU and model, one run (issue 13's targets).
 
     .venv/bin/python bench/gpu.py                       # ResNet-50, 224 px, batch 64, on cuda
-    .venv/bin/python bench/gpu.py --quick --device cpu  # the same measurements, small, on the CPU (CI)
+    .venv/bin/python bench/gpu.py --quick --device cpu  # the same, small, on the CPU (tests/test_benches.py)
 
 Measures, with the same network (random weights, 1000 classes, saved to a weights file and served as
 ``PRELABEL_BASE_WEIGHTS=ARCH:file``, as production serves its ImageNet bases) and the same JPEG photos
@@ -14,7 +14,9 @@ Measures, with the same network (random weights, 1000 classes, saved to a weight
 3. straight to Triton (``prelabel serve``'s embedded Triton, ``KIND_GPU`` instances) and 4. through
    the gateway (``Predict``), and through ``--gateway-workers`` gateway processes on the same Triton,
    alternated so that noise hits all alike: saturation (batch ``--batch``, ``--concurrency`` clients),
-   batch 1 with one client (p50), and mixed request sizes at full concurrency (p50, p99);
+   batch 1 with one client (p50), and mixed request sizes at full concurrency (p50, p99); batch 1
+   also through ``bench/bare_proxy.py``, which splits the gateway's added p50 into the hop itself and
+   Prelabel's own work;
 5. training: a raw torch loop (AdamW, bf16 autocast, channels-last, resident pixels) against
    Prelabel's training loop (``loop.fit``, full fine-tune recipe), images/s.
 
@@ -52,6 +54,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench import bare_proxy
 from bench.gateway_vs_triton import load, pct
 from prelabel.models import backbones, device_decode, resample
 from prelabel.models.runner import Runner
@@ -308,10 +311,17 @@ async def serving(stack: Stack, name: str, jpegs: list[bytes], args: argparse.Na
                   workers: Stack | None = None) -> dict[str, float]:  # fmt: skip
     """Straight to Triton, through the gateway (and through ``workers``), alternated: saturation rates,
     batch-1 p50s, and p50/p99 of mixed request sizes (1 to ``--batch`` images) at full concurrency.
+    Batch 1 also through ``bench/bare_proxy.py`` (``proxy_p50``): what one Python gRPC hop costs by itself.
 
     Each client has a connection of its own (several gateway processes share connections, not calls),
     and the requests are built once, so that the client process measures servers, not protobuf.
     """
+    with bare_proxy.started(stack.triton_url) as (proxy_address, _):
+        return await _serving(stack, name, jpegs, args, workers, TritonClient(proxy_address))
+
+
+async def _serving(stack: Stack, name: str, jpegs: list[bytes], args: argparse.Namespace, workers: Stack | None,
+                   proxied: TritonClient) -> dict[str, float]:  # fmt: skip
     triton = TritonClient(stack.triton_url)
     options = [("grpc.max_send_message_length", 256 * 2**20), ("grpc.use_local_subchannel_pool", 1)]
     paths: dict[str, Stack] = {"gateway": stack, **({"workers": workers} if workers else {})}
@@ -332,11 +342,15 @@ async def serving(stack: Stack, name: str, jpegs: list[bytes], args: argparse.Na
     async def direct(batch: list[bytes]) -> None:
         await triton.infer(name, "", batch, False, 120)
 
+    async def proxy(batch: list[bytes]) -> None:
+        await proxied.infer(name, "", batch, False, 120)
+
     calls = {"direct": direct, **{label: predict(label) for label in paths}}
     sizes = [n for n in (1, 4, 16, 64) if n <= args.batch]
     mixed_batches = [jpegs[i : i + n] for i, n in enumerate(sizes * 8)]
-    for call in calls.values():
+    for call in (*calls.values(), proxy):
         await load(call, jpegs[: args.batch], 2, 2.0)
+    proxy_latencies: list[float] = []
     rates: dict[str, list[float]] = {label: [] for label in calls}
     latencies: dict[str, list[float]] = {label: [] for label in calls}
     mixed: dict[str, list[float]] = {label: [] for label in calls}
@@ -355,11 +369,14 @@ async def serving(stack: Stack, name: str, jpegs: list[bytes], args: argparse.Na
 
             _, lat = await load(any_size, batch, args.concurrency, args.seconds / 2)
             mixed[label].extend(lat)
+        _, lat = await load(proxy, jpegs[r : r + 1], 1, args.seconds / 2)
+        proxy_latencies.extend(lat)
     for cs in channels.values():
         for c in cs:
             await c.close()
     await triton.close()
-    result = {}
+    await proxied.close()
+    result = {"proxy_p50": pct(proxy_latencies, 50)}
     for label in calls:
         result[label] = statistics.median(rates[label])
         result[f"{label}_p50"] = pct(latencies[label], 50)
@@ -465,6 +482,10 @@ def main() -> None:
     print(f"| gateway / raw torch | {served['gateway'] / raw:.2f} | >= 0.70 |")
     print(f"| gateway / straight to Triton | {served['gateway'] / served['direct']:.2f} | >= 0.95 |")
     print(f"| batch-1 p50 added by the gateway | {served['gateway_p50'] - served['direct_p50']:+.2f} ms | <= 1 ms |")
+    print(f"| of which one bare grpc.aio hop (bench/bare_proxy.py) | "
+          f"{served['proxy_p50'] - served['direct_p50']:+.2f} ms | |")  # fmt: skip
+    print(f"| of which Prelabel's own work (gateway - bare hop) | "
+          f"{served['gateway_p50'] - served['proxy_p50']:+.2f} ms | |")  # fmt: skip
     if "workers" in served:
         w = args.gateway_workers
         print(f"| {w} gateway processes / raw torch | {served['workers'] / raw:.2f} | >= 0.70 |")

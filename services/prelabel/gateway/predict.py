@@ -144,10 +144,10 @@ class Predictor:
                 raise DeadlineExceeded("the deadline passed before inference started; retry with a longer deadline")
             timeout = min(timeout, time_remaining)
         size = target.max_batch_size or len(images)
+        if len(images) <= size:  # one call: awaited here, without a task of its own (batch 1's latency)
+            return await self._call(target, images, embedding, timeout)
         chunks = [images[i : i + size] for i in range(0, len(images), size)]
         results = await asyncio.gather(*(self._call(target, chunk, embedding, timeout) for chunk in chunks))
-        if len(results) == 1:
-            return results[0]
         return InferOutputs(
             np.concatenate([r.probabilities for r in results]),
             np.concatenate([r.embeddings for r in results if r.embeddings is not None]) if embedding else None,
