@@ -242,8 +242,11 @@ def nvimgcodec_decoding(jpegs: list[bytes], reference: list[torch.Tensor], devic
             rate = timed(lambda decode=decode: len(decode()), device, seconds)[0]
             diff = statistics.mean((g.permute(2, 0, 1).float() - r.float()).abs().mean().item()
                                    for g, r in zip(got, reference, strict=True))  # fmt: skip
-            print(f"nvImageCodec {label}: {rate:,.0f} images/s, {1000 * len(jpegs) / rate:.2f} ms per batch, "
-                  f"{diff:.2f} levels from torchvision's decode", flush=True)
+            print(
+                f"nvImageCodec {label}: {rate:,.0f} images/s, {1000 * len(jpegs) / rate:.2f} ms per batch, "
+                f"{diff:.2f} levels from torchvision's decode",
+                flush=True,
+            )
         except Exception as exc:  # a backend this card or build lacks: say so, measure the rest
             print(f"nvImageCodec {label}: failed: {exc}", flush=True)
 
@@ -394,10 +397,19 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2, help="alternations of Triton and the gateway")
     parser.add_argument("--images", type=int, default=256, help="distinct JPEGs")
     parser.add_argument("--train-steps", type=int, default=60)
-    parser.add_argument("--instances", type=int, nargs="+", default=[0],
-                        help="Triton instances per GPU, one server each; the table shows the first (0: the default)")
-    parser.add_argument("--gateway-workers", type=int, default=4,
-                        help="also measure a `prelabel gateway` with this many processes on the same Triton (1: not)")
+    parser.add_argument(
+        "--instances",
+        type=int,
+        nargs="+",
+        default=[0],
+        help="Triton instances per GPU, one server each; the table shows the first (0: the default)",
+    )
+    parser.add_argument(
+        "--gateway-workers",
+        type=int,
+        default=4,
+        help="also measure a `prelabel gateway` with this many processes on the same Triton (1: not)",
+    )
     parser.add_argument("--quick", action="store_true", help="tiny settings: checks that the script works")
     args = parser.parse_args()
     if args.quick:
@@ -492,8 +504,10 @@ def main() -> None:
         print(f"| {w} gateway processes / straight to Triton | {served['workers'] / served['direct']:.2f} | >= 0.95 |")
     print(f"| Prelabel training / raw training | {ours_train / raw_train:.2f} | >= 0.60 |")
     print(f"| in-process nvJPEG / Pillow | {pipeline['nvJPEG'] / pipeline['Pillow']:.2f} | |")
-    print(f"\nMixed request sizes ({', '.join(map(str, [n for n in (1, 4, 16, 64) if n <= args.batch]))} images),"
-          f" {args.concurrency} clients: p50 / p99 ms")
+    print(
+        f"\nMixed request sizes ({', '.join(map(str, [n for n in (1, 4, 16, 64) if n <= args.batch]))} images),"
+        f" {args.concurrency} clients: p50 / p99 ms"
+    )
     for label in ("direct", "gateway", "workers"):
         if label in served:
             print(f"| {label} | {served[f'{label}_mixed_p50']:.1f} / {served[f'{label}_mixed_p99']:.1f} |")

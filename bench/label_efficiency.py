@@ -282,8 +282,12 @@ def main() -> None:
         choices=list(SHORT.values()),
         help="a subset (for example FE alone over many seeds, or AUTO after a change to its rule)",
     )
-    parser.add_argument("--scratch-trial", default="never", choices=SCRATCH_TRIAL,
-                        help="whether AUTO's trial also cross-fits from scratch (TrainConfig.scratch_trial)")
+    parser.add_argument(
+        "--scratch-trial",
+        default="never",
+        choices=SCRATCH_TRIAL,
+        help="whether AUTO's trial also cross-fits from scratch (TrainConfig.scratch_trial)",
+    )
     args = parser.parse_args()
     strategies = [s for s, short in SHORT.items() if short in args.strategies]
     textbook = not args.no_textbook

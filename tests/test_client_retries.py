@@ -64,9 +64,12 @@ def test_the_cli_retries_safe_calls_and_not_an_append_upload(flaky):
     address, servicer = flaky
     with channel(address, timeout=10) as ch:
         assert rpc.ModelServiceStub(ch).ListModels(pb.ListModelsRequest(), timeout=10).models[0].name == "base"
-        assert rpc.JobServiceStub(ch).CreateFineTuneJob(
-            pb.CreateFineTuneJobRequest(dataset="d", request_id="r"), timeout=10
-        ).id == "j1"
+        assert (
+            rpc.JobServiceStub(ch)
+            .CreateFineTuneJob(pb.CreateFineTuneJobRequest(dataset="d", request_id="r"), timeout=10)
+            .id
+            == "j1"
+        )
         with pytest.raises(grpc.RpcError) as info:
             rpc.DatasetServiceStub(ch).UploadExamples(iter([pb.UploadExamplesRequest(dataset="d")]), timeout=10)
         assert info.value.code() == grpc.StatusCode.UNAVAILABLE

@@ -17,6 +17,13 @@ def test_ruff_is_clean():
     assert run.returncode == 0, run.stdout + run.stderr
 
 
+def test_ruff_format_leaves_everything_as_it_is():
+    """One layout for everyone: `ruff format` (a compact layout it would undo is kept with `# fmt: skip`)."""
+    paths = ["services", "tests", "bench", "scripts"]
+    run = subprocess.run([str(BIN / "ruff"), "format", "--check", *paths], cwd=ROOT, capture_output=True, text=True)
+    assert run.returncode == 0, run.stdout + run.stderr + "\nrun: .venv/bin/ruff format services tests bench scripts"
+
+
 def test_mypy_strict_is_clean():
     run = subprocess.run([str(BIN / "mypy"), "--strict"], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout + run.stderr

@@ -57,8 +57,9 @@ def test_upload_fine_tune_watch_and_predict_with_the_new_version(channel, predic
     assert "e2e-shapes" in [d.name for d in datasets.ListDatasets(pb.ListDatasetsRequest()).datasets]
 
     jobs = rpc.JobServiceStub(channel)
-    create = pb.CreateFineTuneJobRequest(dataset="e2e-shapes", output_model="e2e-shapes", request_id=uuid.uuid4().hex,
-                                         epochs=3)  # AUTO with a short budget: the path, not the recipe, is tested
+    create = pb.CreateFineTuneJobRequest(
+        dataset="e2e-shapes", output_model="e2e-shapes", request_id=uuid.uuid4().hex, epochs=3
+    )  # AUTO with a short budget: the path, not the recipe, is tested
     job = jobs.CreateFineTuneJob(create, timeout=30)
     assert job.state in (pb.QUEUED, pb.RUNNING) and job.requested_strategy == pb.STRATEGY_AUTO
     assert jobs.CreateFineTuneJob(create, timeout=30).id == job.id  # a retried call: the same job

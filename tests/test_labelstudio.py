@@ -212,7 +212,6 @@ def test_round_trip_predict_annotate_train_better_predictions(studio, adapter, s
     assert [j.state for j in jobs if j.output_model == model] == [pb.SUCCEEDED], adapter.log()
 
 
-
 def result(choice: str) -> dict[str, Any]:
     return {"from_name": "choice", "to_name": "image", "type": "choices", "value": {"choices": [choice]}}
 

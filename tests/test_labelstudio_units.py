@@ -47,8 +47,12 @@ def test_project_ids_come_in_two_spellings():
 
 
 def annotation(choice: str, updated: str, ident: int, cancelled: bool = False) -> dict:
-    return {"id": ident, "updated_at": updated, "was_cancelled": cancelled,
-            "result": [{"from_name": "kind", "to_name": "img", "type": "choices", "value": {"choices": [choice]}}]}
+    return {
+        "id": ident,
+        "updated_at": updated,
+        "was_cancelled": cancelled,
+        "result": [{"from_name": "kind", "to_name": "img", "type": "choices", "value": {"choices": [choice]}}],
+    }
 
 
 def test_the_latest_annotation_that_is_not_cancelled_is_the_label():
@@ -176,6 +180,7 @@ async def test_a_failed_job_is_reported_and_nothing_is_published(caplog):
 
     fake = FakePrelabel([pb.QUEUED, pb.RUNNING, pb.FAILED])
     learner = Learner(Backend(fake, Options(), session=None), 0, 1)  # type: ignore[arg-type]
+
     def failures() -> float:
         return metrics.REGISTRY.get_sample_value("prelabel_labelstudio_training_runs_total", {"outcome": "failed"}) or 0
 

@@ -303,11 +303,7 @@ def test_cli_predict_folder_and_models(stack, labelled_images, tmp_path):
     listing = subprocess.run(
         [PRELABEL, "models", "--server", stack.address], capture_output=True, text=True, timeout=60
     )
-    assert (
-        listing.returncode == 0
-        and "prelabel-base (default)" in listing.stdout
-        and "resnet18" in listing.stdout
-    )
+    assert listing.returncode == 0 and "prelabel-base (default)" in listing.stdout and "resnet18" in listing.stdout
 
 
 def test_cli_reports_missing_gateway(tmp_path):

@@ -284,8 +284,13 @@ def test_from_scratch_trains_at_the_images_resolution_and_records_it(base):
 
 @pytest.mark.parametrize(
     "phase,strategy_",
-    [("embedding", engine.AUTO), ("feature extraction", engine.AUTO), ("fold 1", engine.FULL_FINE_TUNE),
-     ("fold 3", engine.FULL_FINE_TUNE), ("on every example", engine.FULL_FINE_TUNE)],
+    [
+        ("embedding", engine.AUTO),
+        ("feature extraction", engine.AUTO),
+        ("fold 1", engine.FULL_FINE_TUNE),
+        ("fold 3", engine.FULL_FINE_TUNE),
+        ("on every example", engine.FULL_FINE_TUNE),
+    ],
 )  # AUTO's trial may publish feature extraction (no final run): a requested deep strategy always has one
 def test_cancel_is_honoured_in_every_phase(base, phase, strategy_):
     examples = novel(4, 2, base)
@@ -330,8 +335,9 @@ def test_the_trial_publishes_the_best_of_three_and_breaks_ties_by_the_rule_then_
     d = strategy.Decision(engine.AUTO, freeze, "rule", 100, 50, 0.3, "frechet")
     strategy.paired_trial(d, {fe: wrong_on[4], freeze: wrong_on[10], scratch: right}, labels)
     assert d.chosen == scratch and "preferred training from scratch" in d.reason
-    assert d.trial == pytest.approx({"feature extraction": 0.96, "freeze the first k stages": 0.9,
-                                    "training from scratch": 1.0})
+    assert d.trial == pytest.approx(
+        {"feature extraction": 0.96, "freeze the first k stages": 0.9, "training from scratch": 1.0}
+    )
     assert "feature extraction +6.0%" in d.reason and "training from scratch +10.0%" in d.reason  # against the rule
     d = strategy.Decision(engine.AUTO, freeze, "rule", 100, 50, 0.3, "frechet")
     strategy.paired_trial(d, {fe: right, freeze: wrong_on[4], scratch: right}, labels)
@@ -452,8 +458,9 @@ def test_auto_accept_precision_holds_on_new_images_in_at_least_95_percent_of_run
             if embedded is None:
                 embedded = result.model.embed(normalize(everything.pixels))
             sample = order[800:808]  # the shortcut is exact: this run's own model embeds alike
-            torch.testing.assert_close(result.model.embed(normalize(everything.pixels[sample])), embedded[sample],
-                                       rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(
+                result.model.embed(normalize(everything.pixels[sample])), embedded[sample], rtol=1e-4, atol=1e-4
+            )
             logits = result.model.head(embedded[order[800:]])
         confidence, predicted = torch.softmax(logits / result.temperature, 1).max(1)
         accepted = confidence >= result.threshold
@@ -504,4 +511,4 @@ def test_one_pass_gives_the_base_its_logits_and_feature_extraction_its_features(
     logits, embeddings, features = engine._base_pass(base.model, fe_model, examples.pixels, normalize, lambda: None)
     two_passes = loop.predict(base.model, examples.pixels, normalize)
     assert torch.allclose(logits, two_passes[0], atol=1e-4) and torch.allclose(embeddings, two_passes[1], atol=1e-5)
-    assert features.shape[1] == fe_model.embedding_dim and torch.equal(features[:, -embeddings.shape[1]:], embeddings)
+    assert features.shape[1] == fe_model.embedding_dim and torch.equal(features[:, -embeddings.shape[1] :], embeddings)

@@ -90,8 +90,9 @@ def decode(content: bytes, preprocess: Preprocess, max_pixels: int = 0) -> npt.N
         raise ImageError("the image could not be decoded: not a JPEG, PNG, WebP or other known format") from None
     except Image.DecompressionBombError as exc:  # Pillow's own limit, checked on the header in Image.open
         ours = f"over the limit of {max_pixels} pixels (PRELABEL_MAX_IMAGE_PIXELS) and " if max_pixels else ""
-        raise TooManyPixels(f"the image is {ours}over Pillow's decompression-bomb limit ({exc}); downscale it") \
-            from None
+        raise TooManyPixels(
+            f"the image is {ours}over Pillow's decompression-bomb limit ({exc}); downscale it"
+        ) from None
     except MemoryError:
         raise TooManyPixels("the image needs more memory to decode than is available; downscale it") from None
     except (OSError, ValueError, SyntaxError) as exc:

@@ -27,13 +27,17 @@ async def fetch(session: aiohttp.ClientSession, url: str, label_studio: str, tok
     try:
         async with session.get(absolute, headers=headers) as response:
             if response.status in (401, 403) and same_host:
-                raise FetchError(f"Label Studio refused the token for {absolute[:200]} (HTTP {response.status}); "
-                                 "give the adapter an API token with access to the project: --label-studio-token")
+                raise FetchError(
+                    f"Label Studio refused the token for {absolute[:200]} (HTTP {response.status}); "
+                    "give the adapter an API token with access to the project: --label-studio-token"
+                )
             if response.status != 200:
                 raise FetchError(f"{absolute[:200]} answered HTTP {response.status}")
             if (response.content_length or 0) > max_bytes:
-                raise FetchError(f"{absolute[:200]} is {response.content_length} bytes, over {max_bytes} bytes "
-                                 "(PRELABEL_MAX_IMAGE_BYTES)")
+                raise FetchError(
+                    f"{absolute[:200]} is {response.content_length} bytes, over {max_bytes} bytes "
+                    "(PRELABEL_MAX_IMAGE_BYTES)"
+                )
             content = bytearray()
             async for chunk in response.content.iter_chunked(64 * 1024):
                 content += chunk

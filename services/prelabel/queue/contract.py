@@ -192,6 +192,4 @@ def stop(job: Job, now: float) -> None:
 def _cancelled(job: Job, now: float) -> None:
     """CANCELLED, with a message that says how far it got: the last progress message would read as if it ran on."""
     job.state, job.finished_at = CANCELLED, now
-    job.message = (
-        f"cancelled at {job.progress:.0%}" if job.started_at else "cancelled before it started"
-    )
+    job.message = f"cancelled at {job.progress:.0%}" if job.started_at else "cancelled before it started"

@@ -53,8 +53,15 @@ def crossfit(build: Build, stage: str, examples: data.Examples, folds: list[torc
     return oof, recipe.eval_steps[best]
 
 
-def final_run(build: Build, stage: str, examples: data.Examples, normalize: backbones.Normalizer,
-              recipe: loop.Recipe, seed: int, job: Runs) -> tuple[str, backbones.Classifier, int]:
+def final_run(
+    build: Build,
+    stage: str,
+    examples: data.Examples,
+    normalize: backbones.Normalizer,
+    recipe: loop.Recipe,
+    seed: int,
+    job: Runs,
+) -> tuple[str, backbones.Classifier, int]:
     """The model ``build`` makes, trained on every example: ``(its architecture, the model, steps run)``."""
     arch = ""
 
