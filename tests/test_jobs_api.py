@@ -148,11 +148,13 @@ def test_cancel_a_running_and_a_queued_job_and_page_through_jobs(channel):
             break
     cancelled = jobs.CancelJob(pb.CancelJobRequest(id=queued.id))
     assert cancelled.state == pb.CANCELLED and not cancelled.HasField("started_at")
+    assert cancelled.message == "cancelled before it started"
 
     asked = time.monotonic()
     assert jobs.CancelJob(pb.CancelJobRequest(id=running.id)).state == pb.RUNNING  # asked; stops at a heartbeat
     final = watch_to_end(jobs, running.id)[-1]
     assert final.state == pb.CANCELLED and time.monotonic() - asked < 10
+    assert re.fullmatch(r"cancelled at \d+%", final.message), final.message  # not its last step's "about 90s left"
     assert jobs.GetJob(pb.GetJobRequest(id=queued.id)).attempts == 0  # it never started
 
     cancelled_ids, token = [], ""

@@ -98,7 +98,8 @@ def finetune(server: str, creds: Credentials, args: argparse.Namespace) -> int:
 def _report(job: pb.Job) -> int:
     state = pb.JobState.Name(job.state)
     if job.state != pb.SUCCEEDED:
-        print(f"job {job.id} {state}" + (f": {job.error}" if job.error else ""), file=sys.stderr)
+        detail = job.error or job.message  # why it failed; how far a cancelled job got
+        print(f"job {job.id} {state}" + (f": {detail}" if detail else ""), file=sys.stderr)
         return 1
     print(f"published {job.output_model} version {job.model_version}: {job.strategy_reason}")
     print(f"{job.message}; trained in {job.metrics['train_seconds']:.0f}s; attempts {job.attempts}")
