@@ -7,8 +7,8 @@ Forwards Triton's ``ModelInfer`` as opaque bytes (no parsing, no checks, no metr
 grpc.aio channel, exactly as the gateway's second hop does, and prints ``bare proxy listening on
 PORT``. A benchmark sends the same requests straight to Triton, through this proxy and through the
 gateway: proxy minus straight is what the hop itself costs (grpc.aio on both sides of one process),
-gateway minus proxy is Prelabel's own work. With Triton taking about 12 ms per call the hop alone
-measured about +0.8 ms p50 and 1.1 ms of CPU per call on the 2-core machine (docs/benchmarks.md).
+gateway minus proxy is Prelabel's own work. With Triton taking about 13 ms per call the hop alone
+measured +0.8-0.95 ms p50 and 1.0 ms of CPU per call on the 2-core machine (docs/benchmarks.md).
 """
 
 from __future__ import annotations
