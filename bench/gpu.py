@@ -55,7 +55,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench import bare_proxy
-from bench.gateway_vs_triton import load, pct
+from bench.gateway_vs_triton import cpu_seconds, load, pct
 from prelabel.models import backbones, device_decode, resample
 from prelabel.models.runner import Runner
 from prelabel.preprocessing import Preprocess
@@ -354,6 +354,7 @@ async def _serving(stack: Stack, name: str, jpegs: list[bytes], args: argparse.N
     for call in (*calls.values(), proxy):
         await load(call, jpegs[: args.batch], 2, 2.0)
     proxy_latencies: list[float] = []
+    gateway_cpu: list[tuple[float, float]] = []  # (CPU seconds, calls) per saturation run
     rates: dict[str, list[float]] = {label: [] for label in calls}
     latencies: dict[str, list[float]] = {label: [] for label in calls}
     mixed: dict[str, list[float]] = {label: [] for label in calls}
@@ -361,8 +362,11 @@ async def _serving(stack: Stack, name: str, jpegs: list[bytes], args: argparse.N
         for label, call in calls.items():
             offset = (r * args.batch) % max(1, len(jpegs) - args.batch)
             batch = jpegs[offset : offset + args.batch]
+            before = cpu_seconds(stack.process.popen.pid)
             rate, _ = await load(call, batch, args.concurrency, args.seconds)
             rates[label].append(rate)
+            if label == "gateway":  # its own CPU (Triton is a child: not counted) at saturation
+                gateway_cpu.append((cpu_seconds(stack.process.popen.pid) - before, rate * args.seconds / len(batch)))
             _, lat = await load(call, jpegs[r : r + 1], 1, args.seconds / 2)
             latencies[label].extend(lat)
             picks = iter(itertools.cycle(mixed_batches))
@@ -380,6 +384,9 @@ async def _serving(stack: Stack, name: str, jpegs: list[bytes], args: argparse.N
     await triton.close()
     await proxied.close()
     result = {"proxy_p50": pct(proxy_latencies, 50)}
+    cpu, served_calls = map(sum, zip(*gateway_cpu, strict=True))
+    result["gateway_cpu_ms_per_call"] = cpu / served_calls * 1000
+    result["gateway_cores"] = cpu / (args.seconds * len(gateway_cpu))
     for label in calls:
         result[label] = statistics.median(rates[label])
         result[f"{label}_p50"] = pct(latencies[label], 50)
@@ -498,6 +505,8 @@ def main() -> None:
           f"{served['proxy_p50'] - served['direct_p50']:+.2f} ms | |")  # fmt: skip
     print(f"| of which Prelabel's own work (gateway - bare hop) | "
           f"{served['gateway_p50'] - served['proxy_p50']:+.2f} ms | |")  # fmt: skip
+    print(f"| gateway process at saturation: CPU per call of {args.batch} / cores busy | "
+          f"{served['gateway_cpu_ms_per_call']:.1f} ms / {served['gateway_cores']:.2f} | |")  # fmt: skip
     if "workers" in served:
         w = args.gateway_workers
         print(f"| {w} gateway processes / raw torch | {served['workers'] / raw:.2f} | >= 0.70 |")

@@ -27,3 +27,5 @@ def test_the_gpu_bench_runs_end_to_end_on_the_cpu_and_prints_every_ratio():
     ]
     for row in rows:
         assert re.search(rf"\| {re.escape(row)}[^|]* \| [+-]?\d+\.\d+( ms)? \|", run.stdout), (row, run.stdout[-2000:])
+    cpu = r"\| gateway process at saturation: CPU per call of \d+ / cores busy \| \d+\.\d ms / \d+\.\d\d \|"
+    assert re.search(cpu, run.stdout), run.stdout[-2000:]
