@@ -165,6 +165,11 @@ def batched(files: list[Path], count: int, max_bytes: int) -> Iterator[list[Path
     return bounded(files, lambda path: path.stat().st_size, max_bytes, count)
 
 
+# predict's exit status when some images could not be used: every line is written, so a script can
+# tell "all pre-labeled" (0) from "look at the errors" (3) from "nothing happened" (1, 2).
+SOME_UNUSABLE = 3
+
+
 def predict(server: str, creds: Credentials, args: argparse.Namespace) -> int:
     files = image_files(args.paths)
     if not files:
@@ -213,7 +218,7 @@ def predict(server: str, creds: Credentials, args: argparse.Namespace) -> int:
         + (f"; wrote {args.out}" if args.out else ""),
         file=sys.stderr,
     )
-    return 0
+    return SOME_UNUSABLE if failed else 0
 
 
 def models(server: str, creds: Credentials, args: argparse.Namespace) -> int:

@@ -93,7 +93,12 @@ def parser() -> argparse.ArgumentParser:
     trainer.add_argument("--triton-url", help="Triton to load new versions into (PRELABEL_TRITON_URL)")
     trainer.add_argument("--metrics-port", type=int, help="Prometheus port, 0 free, -1 off (PRELABEL_METRICS_PORT)")
 
-    predict = commands.add_parser("predict", help="pre-label image files and folders; one JSON line per image")
+    predict = commands.add_parser(
+        "predict",
+        help="pre-label image files and folders; one JSON line per image",
+        epilog="exit status: 0 every image was pre-labeled; 3 some could not be used (every image is still "
+        "written, those with their error); 1 the gateway refused or failed the call; 2 bad arguments",
+    )
     predict.add_argument("paths", nargs="+", type=Path, help="image files or folders (searched recursively)")
     predict.add_argument("--model", default="", help="model name (default: the server's default model)")
     predict.add_argument("--version", default="", help="model version (default: the newest ready one)")
