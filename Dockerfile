@@ -52,4 +52,7 @@ RUN pip install --no-cache-dir --extra-index-url "${TORCH_INDEX}" /wheels/*.whl 
 USER 1000
 EXPOSE 8000 8001 8002
 HEALTHCHECK --interval=15s --timeout=5s --start-period=300s CMD ["curl", "-fsS", "http://127.0.0.1:8000/v2/health/live"]
-CMD ["tritonserver", "--model-repository=/data/models", "--model-control-mode=poll", "--repository-poll-secs=10"]
+# --disable-auto-complete-config: Prelabel writes complete configs; auto-completion starts one more python
+# stub per model load (importing torch) only to ask it for a config, half of each load.
+CMD ["tritonserver", "--model-repository=/data/models", "--model-control-mode=poll", "--repository-poll-secs=10", \
+     "--disable-auto-complete-config"]

@@ -18,6 +18,7 @@ import pytest
 import yaml
 
 from prelabel.settings import Settings
+from prelabel.triton.supervisor import TritonSupervisor
 from prelabel.v1 import prelabel_pb2 as pb
 from prelabel.v1 import prelabel_pb2_grpc as rpc
 from tests.stack import METRICS, Process, environment
@@ -228,3 +229,18 @@ def test_kubernetes_overlays_render_valid_objects(overlay):
         scaled["scaleTargetRef"]["name"] == "trainer"
         and "prelabel_queue_jobs" in scaled["triggers"][0]["metadata"]["query"]
     )
+
+
+def test_every_triton_runs_without_config_auto_completion(tmp_path):
+    """Prelabel writes every model config in full; auto-completion would start one more python stub per
+    model load (importing torch) only to ask it for a config: half of each load (docs/operations.md).
+    The embedded Triton, the image's CMD and both Kubernetes overlays switch it off; the integration
+    tests prove that Triton loads the configs as written."""
+    embedded = TritonSupervisor(tmp_path / "models", tmp_path, tmp_path / "url", tmp_path / "log").command()
+    image = next(line for line in dockerfile_stages()["triton"] if line.startswith("CMD "))
+    commands = [embedded, json.loads(image.removeprefix("CMD "))]
+    for overlay in ("cpu", "gpu"):
+        (triton,) = [o for o in render(overlay) if o["kind"] == "Deployment" and o["metadata"]["name"] == "triton"]
+        commands.append(triton["spec"]["template"]["spec"]["containers"][0]["args"])
+    for command in commands:
+        assert "--disable-auto-complete-config" in command, command

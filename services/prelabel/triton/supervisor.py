@@ -160,6 +160,9 @@ class TritonSupervisor:
             "--load-model=*",
             "--strict-readiness=false",  # one bad model must not make the server unready
             "--exit-on-error=false",
+            # Prelabel writes every config in full; auto-completion would start one more python stub per
+            # model load (importing torch) only to ask it for a config: half of each load (8 -> 4 s).
+            "--disable-auto-complete-config",
             f"--grpc-address={self.host}",
             f"--grpc-port={self.ports.grpc}",
             f"--http-address={self.host}",
