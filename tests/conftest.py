@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import shutil
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,6 +24,12 @@ STACK_LIMITS = {
     "max_message_bytes": 4 * 1024 * 1024,
     "max_image_pixels": 4_000_000,
 }
+
+
+def promtool(*args: str, text: str | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    tool = shutil.which("promtool")
+    assert tool, "promtool is missing: scripts/setup.sh --test installs Debian's prometheus package"
+    return subprocess.run([tool, *args], input=text, capture_output=True, text=True, cwd=cwd, timeout=60)
 
 
 def encode(image: Image.Image, fmt: str, **kwargs: object) -> bytes:

@@ -17,7 +17,7 @@ from prelabel.errors import Unavailable
 from prelabel.gateway.workers import reserve_port
 from prelabel.settings import Settings
 from prelabel.v1 import prelabel_pb2_grpc as rpc
-from tests.conftest import request
+from tests.conftest import promtool, request
 from tests.stack import Process, Stack, environment, wait_for_health
 
 WORKERS = 3
@@ -101,6 +101,9 @@ def test_workers_share_the_port_serve_one_metrics_endpoint_and_are_restarted(sta
         assert sample(text, 'prelabel_images_predicted_total{model="prelabel-base"}') == CALLS
         assert sample(text, 'prelabel_model_versions{model="prelabel-base"}') == 1
         assert "prelabel_queue_jobs" in text and "prelabel_triton_up 1.0" in text
+        checked = promtool("check", "metrics", text=text)  # each family once: Triton's restarts came twice
+        assert checked.returncode == 0, checked.stdout + checked.stderr
+        assert "prelabel_trainer_busy" not in text  # gateways train nothing
 
         # A worker killed outright: the others keep serving, and it is replaced. A connection being
         # accepted as it dies can be reset (seen in 2 of 11 kills, 1 call each): our clients retry
@@ -152,6 +155,28 @@ def test_a_second_gateway_on_a_taken_port_exits_and_says_what_to_do(tmp_path):
             reserve_port("127.0.0.1", int(port))
     finally:
         assert first.stop() == 0
+
+
+@pytest.mark.parametrize(
+    "command",
+    [["gateway", "--triton-url", "127.0.0.1:9"], ["gateway", "--triton-url", "127.0.0.1:9", "--gateway-workers", "2"],
+     ["trainer", "--triton-url", "127.0.0.1:9"]],
+    ids=["gateway", "gateway-workers", "trainer"],
+)  # fmt: skip
+def test_a_taken_metrics_port_exits_and_says_what_to_do(tmp_path, command):
+    """A gateway and a trainer started by hand on one machine both default to port 9400: the second one
+    died with a bare 'Address already in use' traceback (and the gateway with an event-loop warning)."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        process = Process([*command, "--grpc-port", "0", "--metrics-port", str(port)] if command[0] == "gateway"
+                          else [*command, "--metrics-port", str(port)], environment(tmp_path)).start()  # fmt: skip
+        assert process.popen.wait(120) == 1, process.log()
+    log = process.log()
+    assert f"cannot serve /metrics on 127.0.0.1:{port} (Address already in use)" in log, log
+    assert "pass --metrics-port N (PRELABEL_METRICS_PORT), 0 for any free port" in log
+    assert "Traceback" not in log and "Event loop is closed" not in log and "never awaited" not in log, log
 
 
 def test_settings_travel_to_child_processes_through_the_environment(tmp_path):

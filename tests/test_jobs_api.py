@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 import subprocess
 import time
+import urllib.request
 import uuid
 
 import grpc
@@ -15,7 +16,7 @@ from prelabel.datasets import shapes
 from prelabel.v1 import prelabel_pb2 as pb
 from prelabel.v1 import prelabel_pb2_grpc as rpc
 from tests.conftest import encode, request
-from tests.stack import PRELABEL
+from tests.stack import PRELABEL, Stack
 
 pytestmark = pytest.mark.stack
 TERMINAL = (pb.SUCCEEDED, pb.FAILED, pb.CANCELLED)
@@ -42,13 +43,26 @@ def code_of(call) -> grpc.StatusCode:
     return info.value.code()
 
 
+def served_by_trainer(stack: Stack, sample: str, wait_s: float = 10) -> float:
+    """A sample of ``serve``'s /metrics that its trainer writes (the trainer counts a job just after ending it)."""
+    assert stack.metrics_url
+    deadline = time.monotonic() + wait_s
+    while True:
+        text = urllib.request.urlopen(stack.metrics_url, timeout=10).read().decode()
+        values = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(sample + " ")]
+        if values or time.monotonic() > deadline:
+            assert values, f"{sample} is not in serve's /metrics:\n{text}"
+            return values[0]
+        time.sleep(0.2)
+
+
 def watch_to_end(jobs: rpc.JobServiceStub, job_id: str, timeout: float = 240) -> list[pb.Job]:
     seen = list(jobs.WatchJob(pb.WatchJobRequest(id=job_id), timeout=timeout))
     assert seen and seen[-1].state in TERMINAL
     return seen
 
 
-def test_upload_fine_tune_watch_and_predict_with_the_new_version(channel, predict_stub):
+def test_upload_fine_tune_watch_and_predict_with_the_new_version(stack, channel, predict_stub):
     items = examples(10, 1)
     dataset = upload(channel, "e2e-shapes", items)
     assert dataset.example_count == 60 and set(dataset.class_counts) == set(shapes.NOVEL_CLASSES)
@@ -76,6 +90,8 @@ def test_upload_fine_tune_watch_and_predict_with_the_new_version(channel, predic
     assert final.metrics["val_accuracy"] > 0.5 and final.message.startswith("cross-validated accuracy")
     assert final.attempts == 1 and final.finished_at.seconds >= final.started_at.seconds >= final.created_at.seconds
     assert jobs.GetJob(pb.GetJobRequest(id=job.id)) == final
+    assert served_by_trainer(stack, 'prelabel_jobs_ended_total{state="SUCCEEDED"}') >= 1
+    assert served_by_trainer(stack, "prelabel_publish_duration_seconds_count") >= 1
 
     images, labels = shapes.sample(36, 96, 2, shapes.NOVEL_CLASSES)
     response = predict_stub.Predict(

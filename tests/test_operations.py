@@ -21,6 +21,7 @@ from prelabel.settings import Settings
 from prelabel.triton.supervisor import TritonSupervisor
 from prelabel.v1 import prelabel_pb2 as pb
 from prelabel.v1 import prelabel_pb2_grpc as rpc
+from tests.conftest import promtool
 from tests.stack import METRICS, Process, environment
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -31,12 +32,6 @@ PROMTOOL_LINT_PROBLEMS = 3  # promtool's exit code when metrics parse but break 
 def scrape(url: str) -> str:
     with urllib.request.urlopen(url, timeout=10) as response:
         return str(response.read().decode())
-
-
-def promtool(*args: str, text: str | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    tool = shutil.which("promtool")
-    assert tool, "promtool is missing: scripts/setup.sh --test installs Debian's prometheus package"
-    return subprocess.run([tool, *args], input=text, capture_output=True, text=True, cwd=cwd, timeout=60)
 
 
 def names(text: str) -> set[str]:
@@ -67,6 +62,11 @@ def test_promtool_accepts_every_process_metrics(exposition):
                    "prelabel_triton_up", "prelabel_grpc_request_duration_seconds_bucket"):  # fmt: skip
         assert metric in names(gateway), metric
     assert 'prelabel_model_versions{model="prelabel-base"}' in gateway
+    # `serve`'s trainer reports through the gateway's /metrics (it has no port of its own): one series per
+    # trainer process, and each family declared once (promtool above refuses a repeated one).
+    assert re.search(r'^prelabel_trainer_busy\{pid="\d+"\} [01]\.0$', gateway, re.M), gateway
+    assert "prelabel_training_steps_total" in names(gateway)  # labelled ones appear with their first sample
+    assert len(re.findall(r"^# TYPE prelabel_trainer_busy gauge$", gateway, re.M)) == 1
     assert "prelabel_trainer_busy" in names(exposition["trainer"])
     # A labelled counter has no samples before its first job ends; its declaration is there from the start.
     assert re.search(r"^# TYPE prelabel_jobs_ended(_total)? counter$", exposition["trainer"], re.M)

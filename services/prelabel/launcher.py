@@ -13,7 +13,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import shutil
 import signal
+import tempfile
+from pathlib import Path
 
 from prelabel import metrics
 from prelabel.errors import InvalidArgument, PrelabelError, Unavailable
@@ -64,8 +67,11 @@ async def _start_triton(settings: Settings) -> TritonSupervisor:
     return supervisor
 
 
-async def _start_gateway(settings: Settings, triton_url: str) -> tuple[Gateway | GatewayWorkers, int | None]:
-    """One gateway in this process, or ``gateway_workers`` processes on one port; then ``/metrics``."""
+async def _start_gateway(
+    settings: Settings, triton_url: str, trainer_metrics: Path | None
+) -> tuple[Gateway | GatewayWorkers, int | None]:
+    """One gateway in this process, or ``gateway_workers`` processes on one port; then ``/metrics``, with
+    the metrics of ``serve``'s trainers where they write them (``trainer_metrics``)."""
     gateway: Gateway | GatewayWorkers
     if settings.gateway_workers > 1:
         gateway = await start_workers(settings, triton_url)
@@ -80,7 +86,13 @@ async def _start_gateway(settings: Settings, triton_url: str) -> tuple[Gateway |
             settings.ready_file.write_text(f"{os.getpid()}\n")
     if settings.metrics_port < 0:
         return gateway, None
-    return gateway, metrics.serve_metrics(settings.metrics_port, settings.metrics_address, registry)
+    if trainer_metrics is not None:
+        registry = metrics.with_trainers(registry, trainer_metrics)
+    try:
+        return gateway, metrics.serve_metrics(settings.metrics_port, settings.metrics_address, registry)
+    except PrelabelError:
+        await gateway.stop(0)  # it listens already: close it (and its workers) before saying why
+        raise
 
 
 def _announce(settings: Settings, port: int | None, metrics_port: int | None, triton: str) -> None:
@@ -107,18 +119,21 @@ async def serve(settings: Settings, parts: str = "all") -> None:
     trainers: ProcessPool | None = None
     gateway: Gateway | GatewayWorkers | None = None
     metrics_port: int | None = None
+    trainer_metrics: Path | None = None
     if settings.gateway_workers < 1:
         raise InvalidArgument(f"gateway_workers must be at least 1, not {settings.gateway_workers}")
     try:
         if parts == "triton" or (parts == "all" and settings.embedded_triton):
             supervisor = await _start_triton(settings)
         triton_url = supervisor.url if supervisor else settings.triton_url
+        if parts == "all" and settings.trainer_workers > 0:
+            trainer_metrics = Path(tempfile.mkdtemp(prefix="prelabel-trainers-"))
         if parts in ("all", "gateway"):
             if not triton_url:
                 raise Unavailable("the gateway needs a Triton: pass --triton-url HOST:PORT or set PRELABEL_TRITON_URL")
-            gateway, metrics_port = await _start_gateway(settings, triton_url)
-        if parts == "all" and settings.trainer_workers > 0:
-            trainers = trainer_pool(settings, triton_url)
+            gateway, metrics_port = await _start_gateway(settings, triton_url, trainer_metrics)
+        if trainer_metrics is not None:
+            trainers = trainer_pool(settings, triton_url, trainer_metrics)
             trainers.start()
         triton = triton_url + (f" (metrics {supervisor.metrics_url})" if supervisor else "")
         _announce(settings, gateway.port if gateway else None, metrics_port, triton)
@@ -131,6 +146,8 @@ async def serve(settings: Settings, parts: str = "all") -> None:
             await gateway.stop(settings.grace_period_s)
         if supervisor is not None:
             await supervisor.stop()
+        if trainer_metrics is not None:
+            shutil.rmtree(trainer_metrics, ignore_errors=True)
 
 
 def run(settings: Settings, parts: str = "all") -> int:

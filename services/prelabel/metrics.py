@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, multiprocess, start_http_server
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
+
+from prelabel.errors import Unavailable
 
 if TYPE_CHECKING:
     from prelabel.queue.contract import JobQueue
@@ -83,21 +86,26 @@ PUBLISH_LATENCY = Histogram(
     buckets=(0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300), registry=REGISTRY,
 )  # fmt: skip
 TRAINING_STEPS = Counter("prelabel_training_steps", "Optimisation steps completed by this trainer.", registry=REGISTRY)
+# liveall: the trainers of `prelabel serve` report through its /metrics, one series per trainer process
+# (label pid), gone when that process is (PrelabelTrainerStuck compares busy and progress per trainer).
 TRAINING_SPEED = Gauge(
-    "prelabel_training_images_per_second",
-    "Training images per second since the last progress report.",
-    registry=REGISTRY,
+    "prelabel_training_images_per_second", "Training images per second since the last progress report.",
+    registry=REGISTRY, multiprocess_mode="liveall",
+)  # fmt: skip
+TRAINER_BUSY = Gauge(
+    "prelabel_trainer_busy", "1 while this trainer runs a job.", registry=REGISTRY, multiprocess_mode="liveall"
 )
-TRAINER_BUSY = Gauge("prelabel_trainer_busy", "1 while this trainer runs a job.", registry=REGISTRY)
 LAST_PROGRESS = Gauge(
     "prelabel_trainer_last_progress_timestamp_seconds", "When this trainer last reported progress (Unix time).",
-    registry=REGISTRY,
+    registry=REGISTRY, multiprocess_mode="liveall",
 )  # fmt: skip
 VALIDATION_ACCURACY = Gauge(
     "prelabel_last_validation_accuracy",
     "Cross-validated (out-of-fold) accuracy of the last model this trainer published.",
-    registry=REGISTRY,
+    registry=REGISTRY, multiprocess_mode="liveall",
 )  # fmt: skip
+TRAINER_METRICS = (JOBS_ENDED, JOB_DURATION, PUBLISH_LATENCY, TRAINING_STEPS, TRAINING_SPEED, TRAINER_BUSY,
+                   LAST_PROGRESS, VALIDATION_ACCURACY)  # fmt: skip
 
 
 class QueueCollector(Collector):
@@ -136,9 +144,55 @@ def watch(name: str, collector: Collector) -> None:
     REGISTRY.register(collector)
 
 
+# Child processes (gateway workers, the trainers of `prelabel serve`) write their metrics to files in this
+# folder (prometheus_client's multiprocess mode); their parent serves them.
+MULTIPROC_DIR = "PROMETHEUS_MULTIPROC_DIR"
+
+
+class Families(Collector):
+    """``source``'s metric families whose names are in ``names`` (``inside``) or are not."""
+
+    def __init__(self, source: Collector, names: set[str], inside: bool) -> None:
+        self.source, self.names, self.inside = source, names, inside
+
+    def collect(self) -> Iterator[Metric]:
+        return (family for family in self.source.collect() if (family.name in self.names) == self.inside)
+
+
+def names_of(*collectors: Collector) -> set[str]:
+    return {family.name for collector in collectors for family in collector.collect()}
+
+
+def multiprocess_families(folder: Path, names: set[str], inside: bool) -> Families:
+    """The metrics that child processes write to ``folder``, only (``inside``) or except ``names``.
+
+    Every process imports this module, so every child writes every unlabelled metric, idle or not: a
+    gateway worker a trainer's ``prelabel_trainer_busy``, a trainer the gateway's counters. Each family
+    must come from the one kind of process that measures it, or the exposition repeats it.
+    """
+    written = multiprocess.MultiProcessCollector(None, path=str(folder))  # type: ignore[no-untyped-call]
+    return Families(written, names, inside)
+
+
+def with_trainers(registry: CollectorRegistry, folder: Path) -> CollectorRegistry:
+    """``registry`` (what a gateway serves) plus the metrics of the trainers writing to ``folder``."""
+    names = names_of(*TRAINER_METRICS)
+    merged = CollectorRegistry()
+    merged.register(Families(registry, names, inside=False))
+    merged.register(multiprocess_families(folder, names, inside=True))
+    return merged
+
+
 def serve_metrics(port: int, host: str, registry: CollectorRegistry = REGISTRY) -> int:
     """Expose ``/metrics`` on ``host:port`` (0 picks a port); returns the port."""
-    server, _ = start_http_server(port, addr=host, registry=registry)
+    try:
+        server, _ = start_http_server(port, addr=host, registry=registry)
+    except OSError as exc:  # the usual cause: a gateway and a trainer on one machine, both on the default
+        raise Unavailable(
+            f"cannot serve /metrics on {host}:{port} ({exc.strerror or exc}); every Prelabel process on one "
+            "machine needs a metrics port of its own: pass --metrics-port N (PRELABEL_METRICS_PORT), 0 for any "
+            "free port, or -1 for no /metrics"
+        ) from None
     return int(server.server_port)
 
 

@@ -37,8 +37,6 @@ from prelabel.triton.repository import repository_for
 
 log = logging.getLogger("prelabel.gateway")
 
-METRICS_DIR = "PROMETHEUS_MULTIPROC_DIR"
-
 
 def reserve_port(host: str, port: int) -> socket.socket:
     """A bound, never listening ``SO_REUSEPORT`` socket: the port stays ours while the workers come and go.
@@ -78,7 +76,9 @@ class GatewayWorkers:
     def registry(self, settings: Settings) -> CollectorRegistry:
         """What the parent's ``/metrics`` serves: every worker's metrics, the queue, the models, Triton restarts."""
         registry = CollectorRegistry()
-        multiprocess.MultiProcessCollector(registry, path=str(self.run_dir))  # type: ignore[no-untyped-call]
+        # What gateways measure: the parent counts Triton's restarts itself, and gateways train nothing.
+        others = metrics.names_of(metrics.TRITON_RESTARTS, *metrics.TRAINER_METRICS)
+        registry.register(metrics.multiprocess_families(self.run_dir, others, inside=False))
         registry.register(metrics.QueueCollector(open_queue(settings.queue)))
         registry.register(ModelCollector(self.catalog))
         registry.register(metrics.TRITON_RESTARTS)
@@ -110,7 +110,7 @@ async def start_workers(settings: Settings, triton_url: str, startup_timeout_s: 
     def environment(n: int) -> dict[str, str]:
         worker = settings.replace(gateway_workers=1, grpc_port=port, metrics_port=-1, triton_url=triton_url,
                                   ready_file=ready[n])  # fmt: skip
-        return {**os.environ, **worker.environment(), METRICS_DIR: str(run_dir)}
+        return {**os.environ, **worker.environment(), metrics.MULTIPROC_DIR: str(run_dir)}
 
     def forget(pid: int) -> None:  # its live gauges (calls in flight) no longer count
         multiprocess.mark_process_dead(pid, str(run_dir))  # type: ignore[no-untyped-call]

@@ -253,7 +253,11 @@ def main(settings: Settings) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: trainer.stopping.set())
     if settings.metrics_port >= 0:
-        port = metrics.serve_metrics(settings.metrics_port, settings.metrics_address)
+        try:
+            port = metrics.serve_metrics(settings.metrics_port, settings.metrics_address)
+        except PrelabelError as exc:
+            log.error("%s", exc.message)
+            return 1
         print(f"trainer {trainer.name}: metrics on http://{settings.metrics_address}:{port}/metrics", flush=True)
     trainer.run()
     log.info("trainer %s stopped", trainer.name)
