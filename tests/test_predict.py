@@ -304,6 +304,13 @@ def test_cli_predict_folder_and_models(stack, labelled_images, tmp_path):
                            capture_output=True, text=True, timeout=120)  # fmt: skip
     assert clean.returncode == 0, clean.stderr
     assert clean.stderr.strip() == "pre-labeled 6 of 6 images" and len(clean.stdout.splitlines()) == 6
+    # `prelabel predict DIR | head -1`: the reader goes away; the command stops quietly, as coreutils do.
+    piped = subprocess.Popen([PRELABEL, "predict", str(folder / "nested"), "--server", stack.address, "--no-progress"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    assert piped.stdout is not None and piped.stderr is not None
+    piped.stdout.close()
+    code, errors = piped.wait(120), piped.stderr.read()
+    assert code == 141 and "Traceback" not in errors, (code, errors)
     listing = subprocess.run(
         [PRELABEL, "models", "--server", stack.address], capture_output=True, text=True, timeout=60
     )

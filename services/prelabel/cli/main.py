@@ -6,6 +6,7 @@ Flags override the ``PRELABEL_*`` environment variables of :class:`prelabel.sett
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -214,7 +215,22 @@ def parser() -> argparse.ArgumentParser:
     return root
 
 
+# What a command whose output stopped being read returns: a reader such as `head` closed the pipe, and
+# tools killed by SIGPIPE exit 128 + 13 in the shell.
+STOPPED_READING = 141
+
+
 def main(argv: list[str] | None = None) -> int:
+    try:
+        code = _main(argv)
+        sys.stdout.flush()  # here, where a closed pipe is caught, rather than at exit
+        return code
+    except BrokenPipeError:  # `prelabel predict DIR | head`: stop quietly, as coreutils do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit's flush cannot fail again
+        return STOPPED_READING
+
+
+def _main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     options = {k: v for k, v in vars(args).items() if k != "command"}
     try:
