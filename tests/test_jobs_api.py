@@ -201,5 +201,7 @@ def test_cli_finetune_shows_progress_and_prints_the_version(stack, tmp_path):
     listed = subprocess.run([PRELABEL, "jobs", "--server", stack.address, "--state", "succeeded"],
                             capture_output=True, text=True, timeout=60)  # fmt: skip
     assert listed.returncode == 0 and "cli-shapes v1" in listed.stdout
+    (row,) = [line for line in listed.stdout.splitlines() if "cli-shapes v1" in line]
+    assert row.endswith("…") and len(row.split("cli-shapes v1", 1)[1].strip()) == 100  # the long message, cut visibly
     # `prelabel serve` started its trainer while gRPC calls were in flight: no gRPC fork-handler noise
     assert not [line for line in stack.process.stderr if "fork()" in line], "".join(stack.process.stderr[-20:])

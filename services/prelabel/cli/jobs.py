@@ -128,6 +128,7 @@ def jobs(server: str, creds: Credentials, args: argparse.Namespace) -> int:
         created = datetime.fromtimestamp(job.created_at.seconds).strftime("%Y-%m-%d %H:%M:%S")
         model = job.output_model + (f" v{job.model_version}" if job.model_version else "")
         detail = job.error or job.message or job.strategy_reason
+        detail = detail if len(detail) <= 100 else detail[:99] + "…"  # cut, and visibly so
         print(f"{job.id:<32}  {pb.JobState.Name(job.state):<9} {job.progress:>8.0%}  {created:<19}  "
-              f"{model:<28} {detail[:100]}")  # fmt: skip
+              f"{model:<28} {detail}")  # fmt: skip
     return 0
