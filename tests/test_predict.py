@@ -304,6 +304,15 @@ def test_cli_predict_folder_and_models(stack, labelled_images, tmp_path):
                            capture_output=True, text=True, timeout=120)  # fmt: skip
     assert clean.returncode == 0, clean.stderr
     assert clean.stderr.strip() == "pre-labeled 6 of 6 images" and len(clean.stdout.splitlines()) == 6
+    nested = str(folder / "nested")
+    unknown = subprocess.run([PRELABEL, "predict", nested, "--server", stack.address, "--model", "nope"],
+                             capture_output=True, timeout=120)  # fmt: skip
+    assert unknown.returncode == 1 and unknown.stdout == b""
+    # What a terminal shows: the error alone, not also the progress bar drawn before the call failed
+    # (bytes: text mode would turn the bar's carriage returns into newlines)
+    shown = [line.rsplit("\r", 1)[-1].strip() for line in unknown.stderr.decode().split("\n")]
+    assert [line for line in shown if line] == [next(line for line in shown if line.startswith("prelabel: NOT_FOUND: "
+                                                "model 'nope' does not exist; models: "))], shown  # fmt: skip
     # `prelabel predict DIR | head -1`: the reader goes away; the command stops quietly, as coreutils do.
     piped = subprocess.Popen([PRELABEL, "predict", str(folder / "nested"), "--server", stack.address, "--no-progress"],
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip

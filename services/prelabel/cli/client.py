@@ -198,15 +198,20 @@ def predict(server: str, creds: Credentials, args: argparse.Namespace) -> int:
             tqdm(total=len(files), unit="img", disable=args.no_progress, file=sys.stderr) as bar,
         ):
             stub = rpc.PredictionServiceStub(ch)
-            for batch, response in zip(batches, stub.PredictStream(requests(), timeout=None), strict=False):
-                for path, p in zip(batch, response.predictions, strict=True):
-                    failed += p.HasField("error")
-                    if studio:  # one JSON list, written as it streams
-                        out.write(("[\n" if not written else ",\n") + json.dumps(export.task(path, response, p, names)))
-                    else:
-                        out.write(json.dumps(prediction_json(path, response, p)) + "\n")
-                    written += 1
-                bar.update(len(batch))
+            try:
+                for batch, response in zip(batches, stub.PredictStream(requests(), timeout=None), strict=False):
+                    for path, p in zip(batch, response.predictions, strict=True):
+                        failed += p.HasField("error")
+                        if studio:  # one JSON list, written as it streams
+                            task = export.task(path, response, p, names)
+                            out.write(("[\n" if not written else ",\n") + json.dumps(task))
+                        else:
+                            out.write(json.dumps(prediction_json(path, response, p)) + "\n")
+                        written += 1
+                    bar.update(len(batch))
+            except grpc.RpcError:
+                bar.leave = False  # the error alone says what happened, not a 0% bar above it
+                raise
         if studio:
             out.write("\n]\n" if written else "[]\n")
     finally:
