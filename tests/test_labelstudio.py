@@ -198,6 +198,7 @@ def test_round_trip_predict_annotate_train_better_predictions(studio, adapter, s
     status, page = adapter.get("/metrics")
     assert status == 200 and 'prelabel_labelstudio_tasks_total{outcome="failed"} 2.0' in page, page
     assert 'prelabel_labelstudio_training_runs_total{outcome="succeeded"} 1.0' in page, adapter.log()
+    assert "prelabel_triton_up" not in page and "prelabel_trainer_busy" not in page  # no idle copies of others'
 
     # 5. A repeated trigger and a restarted adapter add no job: the work is found again in Prelabel.
     adapter.restart()

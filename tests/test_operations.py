@@ -68,6 +68,9 @@ def test_promtool_accepts_every_process_metrics(exposition):
     assert "prelabel_training_steps_total" in names(gateway)  # labelled ones appear with their first sample
     assert len(re.findall(r"^# TYPE prelabel_trainer_busy gauge$", gateway, re.M)) == 1
     assert "prelabel_trainer_busy" in names(exposition["trainer"])
+    # Each process only what it measures: a trainer's idle prelabel_triton_up 0 drew a Triton that is down
+    assert not {n for n in names(exposition["trainer"]) if n.startswith(("prelabel_triton", "prelabel_grpc"))}
+    assert not {n for n in names(gateway) if n.startswith("prelabel_labelstudio")}
     # A labelled counter has no samples before its first job ends; its declaration is there from the start.
     assert re.search(r"^# TYPE prelabel_jobs_ended(_total)? counter$", exposition["trainer"], re.M)
     # Triton's own names break Prometheus conventions (nv_*_us counters without _total): it must

@@ -144,6 +144,32 @@ def watch(name: str, collector: Collector) -> None:
     REGISTRY.register(collector)
 
 
+# The Label Studio adapter (`prelabel labelstudio`)
+LS_REQUESTS = Counter(
+    "prelabel_labelstudio_requests", "HTTP calls from Label Studio, by path and status.", ["path", "status"],
+    registry=REGISTRY,
+)  # fmt: skip
+LS_LATENCY = Histogram(
+    "prelabel_labelstudio_request_duration_seconds", "Latency of calls from Label Studio, by path.", ["path"],
+    buckets=LATENCY_BUCKETS, registry=REGISTRY,
+)  # fmt: skip
+LS_TASKS = Counter(
+    "prelabel_labelstudio_tasks", "Tasks answered by /predict: labelled, empty (no project choice), failed (image).",
+    ["outcome"], registry=REGISTRY,
+)  # fmt: skip
+LS_WEBHOOKS = Counter("prelabel_labelstudio_webhooks", "Webhook events received, by action.", ["action"],
+                      registry=REGISTRY)  # fmt: skip
+LS_TRAINING = Counter(
+    "prelabel_labelstudio_training_runs", "Training runs the adapter followed to their end, by outcome.", ["outcome"],
+    registry=REGISTRY,
+)  # fmt: skip
+LS_JOB_PROGRESS = Gauge(
+    "prelabel_labelstudio_job_progress", "Progress (0-1) of the last fine-tune job followed, by project.", ["project"],
+    registry=REGISTRY,
+)  # fmt: skip
+LABELSTUDIO_METRICS = (LS_REQUESTS, LS_LATENCY, LS_TASKS, LS_WEBHOOKS, LS_TRAINING, LS_JOB_PROGRESS)
+
+
 # Child processes (gateway workers, the trainers of `prelabel serve`) write their metrics to files in this
 # folder (prometheus_client's multiprocess mode); their parent serves them.
 MULTIPROC_DIR = "PROMETHEUS_MULTIPROC_DIR"
@@ -183,7 +209,29 @@ def with_trainers(registry: CollectorRegistry, folder: Path) -> CollectorRegistr
     return merged
 
 
-def serve_metrics(port: int, host: str, registry: CollectorRegistry = REGISTRY) -> int:
+def _only(names: set[str], inside: bool) -> CollectorRegistry:
+    registry = CollectorRegistry()
+    registry.register(Families(REGISTRY, names, inside))
+    return registry
+
+
+# What each kind of process exposes. Every process defines every metric (one module), and an idle copy of
+# another kind's reads as a fact: a trainer's or the Label Studio adapter's prelabel_triton_up 0 would
+# draw a Triton that is down on the dashboard, a gateway's prelabel_trainer_busy 0 a trainer.
+def gateway_registry() -> CollectorRegistry:
+    """A gateway's metrics, with the queue and the models that it reads (``watch``)."""
+    return _only(names_of(*TRAINER_METRICS, *LABELSTUDIO_METRICS), inside=False)
+
+
+def trainer_registry() -> CollectorRegistry:
+    return _only(names_of(*TRAINER_METRICS), inside=True)
+
+
+def labelstudio_registry() -> CollectorRegistry:
+    return _only(names_of(*LABELSTUDIO_METRICS), inside=True)
+
+
+def serve_metrics(port: int, host: str, registry: CollectorRegistry) -> int:
     """Expose ``/metrics`` on ``host:port`` (0 picks a port); returns the port."""
     try:
         server, _ = start_http_server(port, addr=host, registry=registry)
@@ -194,28 +242,3 @@ def serve_metrics(port: int, host: str, registry: CollectorRegistry = REGISTRY) 
             "free port, or -1 for no /metrics"
         ) from None
     return int(server.server_port)
-
-
-# The Label Studio adapter (`prelabel labelstudio`)
-LS_REQUESTS = Counter(
-    "prelabel_labelstudio_requests", "HTTP calls from Label Studio, by path and status.", ["path", "status"],
-    registry=REGISTRY,
-)  # fmt: skip
-LS_LATENCY = Histogram(
-    "prelabel_labelstudio_request_duration_seconds", "Latency of calls from Label Studio, by path.", ["path"],
-    buckets=LATENCY_BUCKETS, registry=REGISTRY,
-)  # fmt: skip
-LS_TASKS = Counter(
-    "prelabel_labelstudio_tasks", "Tasks answered by /predict: labelled, empty (no project choice), failed (image).",
-    ["outcome"], registry=REGISTRY,
-)  # fmt: skip
-LS_WEBHOOKS = Counter("prelabel_labelstudio_webhooks", "Webhook events received, by action.", ["action"],
-                      registry=REGISTRY)  # fmt: skip
-LS_TRAINING = Counter(
-    "prelabel_labelstudio_training_runs", "Training runs the adapter followed to their end, by outcome.", ["outcome"],
-    registry=REGISTRY,
-)  # fmt: skip
-LS_JOB_PROGRESS = Gauge(
-    "prelabel_labelstudio_job_progress", "Progress (0-1) of the last fine-tune job followed, by project.", ["project"],
-    registry=REGISTRY,
-)  # fmt: skip

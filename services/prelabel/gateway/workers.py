@@ -76,8 +76,8 @@ class GatewayWorkers:
     def registry(self, settings: Settings) -> CollectorRegistry:
         """What the parent's ``/metrics`` serves: every worker's metrics, the queue, the models, Triton restarts."""
         registry = CollectorRegistry()
-        # What gateways measure: the parent counts Triton's restarts itself, and gateways train nothing.
-        others = metrics.names_of(metrics.TRITON_RESTARTS, *metrics.TRAINER_METRICS)
+        # What gateways measure: the parent counts Triton's restarts itself (and gateways train nothing).
+        others = metrics.names_of(metrics.TRITON_RESTARTS, *metrics.TRAINER_METRICS, *metrics.LABELSTUDIO_METRICS)
         registry.register(metrics.multiprocess_families(self.run_dir, others, inside=False))
         registry.register(metrics.QueueCollector(open_queue(settings.queue)))
         registry.register(ModelCollector(self.catalog))

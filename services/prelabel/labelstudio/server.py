@@ -145,7 +145,9 @@ async def versions(request: web.Request) -> web.Response:
 
 
 async def metrics_page(request: web.Request) -> web.Response:
-    return web.Response(body=generate_latest(metrics.REGISTRY), headers={"Content-Type": CONTENT_TYPE_LATEST})
+    return web.Response(
+        body=generate_latest(metrics.labelstudio_registry()), headers={"Content-Type": CONTENT_TYPE_LATEST}
+    )
 
 
 def application(backend: Backend, learner: Learner, auth: tuple[str, str] | None = None) -> web.Application:
