@@ -259,7 +259,7 @@ def test_examples_decode_again_at_another_size_in_the_same_order(base):
     again = part.decoded(Preprocess(resize=96, crop=96))
     assert again.pixels.shape == (18, 96, 96, 3) and torch.equal(again.labels, part.labels)
     assert again.classes == examples.classes
-    assert torch.equal(again.pixels[17], torch.from_numpy(np.asarray(images[0].convert("RGB"))))
+    assert torch.equal(again.pixels[17], torch.from_numpy(np.array(images[0].convert("RGB"))))
     with pytest.raises(ValueError, match="cannot be decoded again"):
         data.Examples(examples.pixels, examples.labels, examples.classes).decoded(base.preprocess)
 
