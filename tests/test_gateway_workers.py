@@ -157,25 +157,32 @@ def test_a_second_gateway_on_a_taken_port_exits_and_says_what_to_do(tmp_path):
         assert first.stop() == 0
 
 
-@pytest.mark.parametrize(
-    "command",
-    [["gateway", "--triton-url", "127.0.0.1:9"], ["gateway", "--triton-url", "127.0.0.1:9", "--gateway-workers", "2"],
-     ["trainer", "--triton-url", "127.0.0.1:9"]],
-    ids=["gateway", "gateway-workers", "trainer"],
-)  # fmt: skip
-def test_a_taken_metrics_port_exits_and_says_what_to_do(tmp_path, command):
-    """A gateway and a trainer started by hand on one machine both default to port 9400: the second one
-    died with a bare 'Address already in use' traceback (and the gateway with an event-loop warning)."""
+TAKEN_PORT_CASES = {  # a command, the flag of the port it cannot have, what it must say to do
+    "gateway": (["gateway", "--triton-url", "127.0.0.1:9", "--grpc-port", "0"], "--metrics-port",
+                "pass --metrics-port N (PRELABEL_METRICS_PORT), 0 for any free port"),
+    "gateway-workers": (["gateway", "--triton-url", "127.0.0.1:9", "--grpc-port", "0", "--gateway-workers", "2"],
+                        "--metrics-port", "pass --metrics-port N (PRELABEL_METRICS_PORT), 0 for any free port"),
+    "trainer": (["trainer", "--triton-url", "127.0.0.1:9"], "--metrics-port",
+                "pass --metrics-port N (PRELABEL_METRICS_PORT), 0 for any free port"),
+    "labelstudio": (["labelstudio", "--server", "127.0.0.1:9"], "--port",
+                    "choose another port with --port or PRELABEL_LABELSTUDIO_PORT"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", sorted(TAKEN_PORT_CASES))
+def test_a_taken_port_exits_and_says_what_to_do(tmp_path, case):
+    """A gateway and a trainer started by hand on one machine both default to metrics port 9400: the second
+    one died with a bare 'Address already in use' traceback (the gateway with an event-loop warning too),
+    as did a second Label Studio backend."""
+    command, flag, what_to_do = TAKEN_PORT_CASES[case]
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        process = Process([*command, "--grpc-port", "0", "--metrics-port", str(port)] if command[0] == "gateway"
-                          else [*command, "--metrics-port", str(port)], environment(tmp_path)).start()  # fmt: skip
+        process = Process([*command, flag, str(port)], environment(tmp_path)).start()
         assert process.popen.wait(120) == 1, process.log()
     log = process.log()
-    assert f"cannot serve /metrics on 127.0.0.1:{port} (Address already in use)" in log, log
-    assert "pass --metrics-port N (PRELABEL_METRICS_PORT), 0 for any free port" in log
+    assert f"127.0.0.1:{port} (Address already in use)" in log and what_to_do in log, log
     assert "Traceback" not in log and "Event loop is closed" not in log and "never awaited" not in log, log
 
 

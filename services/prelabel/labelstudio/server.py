@@ -12,6 +12,7 @@ import asyncio
 import base64
 import hmac
 import logging
+import os
 import signal
 import time
 from collections.abc import Awaitable, Callable
@@ -24,7 +25,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from prelabel import metrics
 from prelabel.cli.client import Credentials
-from prelabel.errors import InvalidArgument, PrelabelError
+from prelabel.errors import InvalidArgument, PrelabelError, Unavailable
 from prelabel.labelstudio.backend import Backend, Options
 from prelabel.labelstudio.learning import Learner
 from prelabel.labelstudio.remote import Prelabel
@@ -172,7 +173,14 @@ async def serve(host: str, port: int, prelabel: Prelabel, options: Options, trai
         runner = web.AppRunner(application(backend, learner, auth), access_log=None)
         await runner.setup()
         site = web.TCPSite(runner, host, port)
-        await site.start()
+        try:
+            await site.start()
+        except OSError as exc:
+            await runner.cleanup()
+            await prelabel.close()
+            why = os.strerror(exc.errno) if exc.errno else str(exc)  # asyncio's strerror repeats the address
+            raise Unavailable(f"cannot listen on {host}:{port} ({why}); choose another port with --port "
+                              "or PRELABEL_LABELSTUDIO_PORT") from None  # fmt: skip
         bound = runner.addresses[0][1]
         print(f"Prelabel Label Studio backend listening on http://{host}:{bound}", flush=True)
         log.info("Label Studio ML backend on http://%s:%d (gateway %s); connect it in Label Studio: Settings > "
@@ -222,7 +230,11 @@ def run(settings: Settings, server: str, credentials: Credentials, timeout: floa
         await serve(settings.labelstudio_host, settings.labelstudio_port, prelabel, options,
                     settings.labelstudio_train_every, pb.Strategy.Value(strategy), auth)  # fmt: skip
 
-    asyncio.run(main())
+    try:
+        asyncio.run(main())
+    except PrelabelError as exc:  # as `prelabel gateway` does: what went wrong and what to do, exit status 1
+        log.error("%s", exc.message)
+        return 1
     return 0
 
 
