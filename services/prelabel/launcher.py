@@ -81,7 +81,7 @@ async def _start_gateway(
             gateway = await start_gateway(settings, triton_url)
         except RuntimeError as exc:  # grpc: "Failed to bind"
             raise cannot_listen(settings.grpc_host, settings.grpc_port, str(exc)) from exc
-        registry = metrics.gateway_registry()
+        registry = metrics.GATEWAY_REGISTRY
         if settings.ready_file is not None:  # a worker of `serve`, which waits for this file
             settings.ready_file.write_text(f"{os.getpid()}\n")
     if settings.metrics_port < 0:

@@ -201,34 +201,26 @@ def multiprocess_families(folder: Path, names: set[str], inside: bool) -> Famili
 
 
 def with_trainers(registry: CollectorRegistry, folder: Path) -> CollectorRegistry:
-    """``registry`` (what a gateway serves) plus the metrics of the trainers writing to ``folder``."""
-    names = names_of(*TRAINER_METRICS)
+    """``registry`` (a gateway's, which holds no trainer metrics) plus those of the trainers writing to ``folder``."""
     merged = CollectorRegistry()
-    merged.register(Families(registry, names, inside=False))
-    merged.register(multiprocess_families(folder, names, inside=True))
+    merged.register(registry)
+    merged.register(multiprocess_families(folder, names_of(*TRAINER_METRICS), inside=True))
     return merged
 
 
-def _only(names: set[str], inside: bool) -> CollectorRegistry:
+def _view(names: set[str], inside: bool) -> CollectorRegistry:
     registry = CollectorRegistry()
     registry.register(Families(REGISTRY, names, inside))
     return registry
 
 
-# What each kind of process exposes. Every process defines every metric (one module), and an idle copy of
-# another kind's reads as a fact: a trainer's or the Label Studio adapter's prelabel_triton_up 0 would
-# draw a Triton that is down on the dashboard, a gateway's prelabel_trainer_busy 0 a trainer.
-def gateway_registry() -> CollectorRegistry:
-    """A gateway's metrics, with the queue and the models that it reads (``watch``)."""
-    return _only(names_of(*TRAINER_METRICS, *LABELSTUDIO_METRICS), inside=False)
-
-
-def trainer_registry() -> CollectorRegistry:
-    return _only(names_of(*TRAINER_METRICS), inside=True)
-
-
-def labelstudio_registry() -> CollectorRegistry:
-    return _only(names_of(*LABELSTUDIO_METRICS), inside=True)
+# What each kind of process exposes: live views of REGISTRY. Every process defines every metric (one
+# module), and an idle copy of another kind's reads as a fact: a trainer's or the Label Studio adapter's
+# prelabel_triton_up 0 would draw a Triton that is down on the dashboard, a gateway's
+# prelabel_trainer_busy 0 a trainer. The gateway's includes the queue and the models that it reads (``watch``).
+GATEWAY_REGISTRY = _view(names_of(*TRAINER_METRICS, *LABELSTUDIO_METRICS), inside=False)
+TRAINER_REGISTRY = _view(names_of(*TRAINER_METRICS), inside=True)
+LABELSTUDIO_REGISTRY = _view(names_of(*LABELSTUDIO_METRICS), inside=True)
 
 
 def serve_metrics(port: int, host: str, registry: CollectorRegistry) -> int:

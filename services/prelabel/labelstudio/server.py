@@ -147,7 +147,7 @@ async def versions(request: web.Request) -> web.Response:
 
 async def metrics_page(request: web.Request) -> web.Response:
     return web.Response(
-        body=generate_latest(metrics.labelstudio_registry()), headers={"Content-Type": CONTENT_TYPE_LATEST}
+        body=generate_latest(metrics.LABELSTUDIO_REGISTRY), headers={"Content-Type": CONTENT_TYPE_LATEST}
     )
 
 

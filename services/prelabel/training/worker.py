@@ -254,7 +254,7 @@ def main(settings: Settings) -> int:
         signal.signal(sig, lambda *_: trainer.stopping.set())
     if settings.metrics_port >= 0:
         try:
-            port = metrics.serve_metrics(settings.metrics_port, settings.metrics_address, metrics.trainer_registry())
+            port = metrics.serve_metrics(settings.metrics_port, settings.metrics_address, metrics.TRAINER_REGISTRY)
         except PrelabelError as exc:
             log.error("%s", exc.message)
             return 1
