@@ -188,11 +188,11 @@ def breakdown(runner: Runner, jpegs: list[bytes], device: torch.device, seconds:
     """Where the in-process pipeline's time goes, per batch (ms): the header check, nvJPEG decode
     alone, decode + resize/crop, the whole ``Runner.run``; on a GPU also a profile of one call, kernels by time."""
     preprocess, n = runner.card.preprocess, len(jpegs)
-    decoded = [f for f in device_decode.decode_jpegs(jpegs, device) if f is not None]
+    decoded = [f for f in device_decode.decode_jpegs(jpegs, device, [1] * n) if f is not None]
     steps = {
-        "header check": lambda: sum(device_decode._nvjpeg_pixels(c, 0) is not None for c in jpegs),
+        "header check": lambda: sum(device_decode._nvjpeg_frame(c, 0) is not None for c in jpegs),
         "header check with Pillow (before 2026-12-05)": lambda: sum(pillow_header(c, 0) is not None for c in jpegs),
-        "decode": lambda: len(device_decode.decode_jpegs(jpegs, device)),
+        "decode": lambda: len(device_decode.decode_jpegs(jpegs, device, [1] * n)),
         "decode + resize/crop": lambda: len(device_decode.decode_batch(jpegs, preprocess, device, [0] * n)),
         "resize/crop alone": lambda: len(resample.resize_crop(decoded, preprocess)),
         "resize/crop alone, grouped by size (before 2026-12-05)": lambda: len(grouped_resize(decoded, preprocess)),

@@ -7,12 +7,15 @@ Decoding is the dominant preprocessing cost. This measures, side by side in one 
 then resize against the JPEG draft decode that Prelabel uses (libjpeg scales by 1/2, 1/4 or 1/8
 while decoding), and what each placement sends from gateway to Triton: the encoded file, uint8
 pixels at the model's input size (decode in the gateway), or float32 (normalise in the gateway).
+Then what turning photos upright by their EXIF orientation costs: the same JPEG without EXIF, with a
+camera's EXIF block (orientation 1) and turned (orientation 6), in alternating rounds.
 """
 
 from __future__ import annotations
 
 import argparse
 import io
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -58,6 +61,35 @@ def main() -> None:
             f"{fmt + ' ' + str(size) + 'px ->' + str(crop):<18} {len(blob) / 1024:>8.0f} | {full:>8.1f} {draft:>9.1f} "
             f"{full / draft:>7.1f}x | {crop * crop * 3 / 1024:>8.0f} {crop * crop * 3 * 4 / 1024:>8.0f}"
         )
+
+    orientation_cost(rng, args.repeat)
+
+
+def camera_exif(orientation: int) -> bytes:
+    """What a camera writes in IFD0 (make, model, resolution, date, orientation) and its Exif sub-IFD."""
+    exif = Image.Exif()
+    exif[0x010F], exif[0x0110], exif[0x011A], exif[0x011B] = "Canon", "EOS 5D Mark IV", 72.0, 72.0
+    exif[0x0112], exif[0x0132] = orientation, "2024:05:01 10:00:00"
+    exif.get_ifd(0x8769).update({0x829A: 0.004, 0x9003: "2024:05:01 10:00:00", 0xA002: 6000})
+    return exif.tobytes()
+
+
+def orientation_cost(rng: np.random.Generator, repeat: int, rounds: int = 7) -> None:
+    image, p = shapes.render(0, 1920, rng), Preprocess(resize=256, crop=224)
+    files = {}
+    exifs = {"no EXIF": b"", "EXIF, orientation 1": camera_exif(1), "EXIF, orientation 6": camera_exif(6)}
+    for name, exif in exifs.items():
+        out = io.BytesIO()
+        image.save(out, "JPEG", quality=90, exif=exif)
+        files[name] = out.getvalue()
+    times: dict[str, list[float]] = {name: [] for name in files}
+    for _ in range(rounds):
+        for name, blob in files.items():
+            times[name].append(timed(decode, blob, p, repeat))
+    base = statistics.median(times["no EXIF"])
+    print(f"\nJPEG 1920px -> 224, median of {rounds} alternating rounds of {repeat}:")
+    for name, values in times.items():
+        print(f"  {name:<22} {statistics.median(values):6.2f} ms  ({statistics.median(values) / base:.3f}x)")
 
 
 if __name__ == "__main__":

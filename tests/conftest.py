@@ -38,6 +38,14 @@ def encode(image: Image.Image, fmt: str, **kwargs: object) -> bytes:
     return out.getvalue()
 
 
+def nvjpeg_pixels(content: bytes, max_pixels: int) -> int | None:
+    """The pixel count of a JPEG the GPU path sends to nvJPEG, None for one it sends to the CPU path."""
+    from prelabel.models import device_decode
+
+    frame = device_decode._nvjpeg_frame(content, max_pixels)
+    return None if frame is None else frame.width * frame.height
+
+
 # Classes of the built-in base's pre-training data (Prelabel Formulas) that it labels right at least
 # 96 % of the time (measured on 24 fresh images each). Tests that use them check serving, not the model.
 EASY = (108, 40, 195, 94, 116, 25, 96, 6, 29, 238, 203, 70, 200, 30, 125)

@@ -16,12 +16,12 @@ from sklearn.datasets import load_sample_images
 from prelabel.batching import bounded
 from prelabel.datasets import formulas
 from prelabel.errors import InvalidArgument, NotFound, Unavailable
-from prelabel.models import backbones, base, device_decode, resample
+from prelabel.models import backbones, base, device_decode, jpeg_frame, resample
 from prelabel.models.runner import Runner
-from prelabel.preprocessing import ImageError, Preprocess, TooManyPixels, crop_box, decode
+from prelabel.preprocessing import ORIENTATIONS, ImageError, Preprocess, TooManyPixels, crop_box, decode
 from prelabel.triton.defaults import ensure_default_model
 from prelabel.triton.repository import ModelRepository
-from tests.conftest import encode, formula_images
+from tests.conftest import encode, formula_images, nvjpeg_pixels
 
 EMBEDDING = {"resnet18": 512, "resnet50": 2048, "mobilenet_v3_small": 1024, "mobilenet_v3_large": 1280,
              "efficientnet_b0": 1280, "vit_b_16": 768}  # fmt: skip
@@ -175,6 +175,12 @@ def test_runner_temperature_softens_probabilities(runner):
     assert soft < sharp
 
 
+def _turned(orientation: int) -> bytes:
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    return exif.tobytes()
+
+
 def _photo_jpegs() -> dict[str, bytes]:
     photos = load_sample_images().images
     cmyk = io.BytesIO()
@@ -184,6 +190,8 @@ def _photo_jpegs() -> dict[str, bytes]:
         "jpeg-other-size": encode(Image.fromarray(photos[1][:300]), "JPEG", quality=80),
         "grey": encode(Image.fromarray(photos[1][:, :, 0]), "JPEG"),
         "progressive": encode(Image.fromarray(photos[0]), "JPEG", progressive=True),
+        "turned (exif 6)": encode(Image.fromarray(photos[1][:300]), "JPEG", exif=_turned(6)),
+        "mirrored (exif 5)": encode(Image.fromarray(photos[0]), "JPEG", exif=_turned(5)),
         "cmyk": cmyk.getvalue(),
         "png": encode(Image.fromarray(photos[0][:200, :300]), "PNG"),
         "corrupt": b"\xff\xd8\xff\xe0 not really a JPEG",
@@ -230,14 +238,27 @@ def test_torchcodec_and_torchvision_decode_the_same_jpegs(device, monkeypatch):
             importlib.import_module("torchcodec.decoders").decode_jpeg  # noqa: B018
         return
     jpegs = [content for name, content in _photo_jpegs().items() if name != "empty"]
-    ours = device_decode.decode_jpegs(jpegs, torch.device(device))
+    turns = [frame.orientation if (frame := jpeg_frame.read_frame(c)) else 1 for c in jpegs]
+    assert 5 in turns and 6 in turns  # TorchCodec turns photos by their EXIF; torchvision's are turned for it
+    ours = device_decode.decode_jpegs(jpegs, torch.device(device), turns)
     monkeypatch.setattr(device_decode, "jpeg_decoder", lambda: ("torchvision", decode_jpeg))
-    theirs = device_decode.decode_jpegs(jpegs, torch.device(device))
+    theirs = device_decode.decode_jpegs(jpegs, torch.device(device), turns)
     assert [o is None for o in ours] == [t is None for t in theirs]
     assert sum(o is not None for o in ours) >= 5 and sum(o is None for o in ours) >= 2  # corrupt, PNG
     for o, t in zip(ours, theirs, strict=True):
         if o is not None:
             assert torch.equal(o, t)
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_the_gpu_path_turns_images_as_pillow_does(orientation):
+    """Where the GPU path decodes with torchvision (it does not turn images by their EXIF on a GPU), it
+    turns them itself: the same turn as Pillow's on the CPU path, for each of the eight orientations."""
+    image = Image.fromarray(load_sample_images().images[0][:30, :50])
+    turned = image.transpose(ORIENTATIONS[orientation]) if orientation in ORIENTATIONS else image
+    decoded = torch.from_numpy(np.array(image)).permute(2, 0, 1).contiguous()  # [3, H, W], as decoders give
+    ours = device_decode._upright(decoded, orientation)
+    assert ours.is_contiguous() and torch.equal(ours.permute(1, 2, 0), torch.from_numpy(np.array(turned)))
 
 
 def test_without_torchcodec_the_gpu_path_says_so_and_decodes_with_torchvision(monkeypatch, caplog):
@@ -260,10 +281,10 @@ def test_truncated_jpegs_go_to_the_cpu_path():
     H200), so only files that end with the end-of-image marker are sent to it."""
     photo = Image.fromarray(load_sample_images().images[0][:200, :300])
     jpeg = encode(photo, "JPEG")
-    assert device_decode._nvjpeg_pixels(jpeg, 0) == 200 * 300
-    assert device_decode._nvjpeg_pixels(jpeg + b"\0" * 16, 0) == 200 * 300  # zero padding is harmless
-    assert device_decode._nvjpeg_pixels(jpeg[:-500], 0) is None
-    assert device_decode._nvjpeg_pixels(jpeg, 1000) is None  # over the limit: the CPU path says so
+    assert nvjpeg_pixels(jpeg, 0) == 200 * 300
+    assert nvjpeg_pixels(jpeg + b"\0" * 16, 0) == 200 * 300  # zero padding is harmless
+    assert nvjpeg_pixels(jpeg[:-500], 0) is None
+    assert nvjpeg_pixels(jpeg, 1000) is None  # over the limit: the CPU path says so
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -103,6 +103,25 @@ def test_embedding_top_k_and_explicit_version(predict_stub, labelled_images):
     np.testing.assert_allclose(again.embedding, p.embedding, rtol=1e-4, atol=1e-5)
 
 
+def test_photos_are_pre_labelled_upright_as_label_studio_shows_them(predict_stub):
+    """A phone stores a portrait photo on its side with EXIF orientation 6 (or upside down, 3); the
+    model sees it as every viewer shows it: the same embedding as the upright file, not the stored one."""
+    upright = formula_images(1, 96, seed=5)[0][0].crop((0, 0, 96, 72))  # landscape, no symmetry
+    exif = Image.Exif()
+    files = {"upright": encode(upright, "JPEG", quality=95)}
+    for orientation, stored in ((6, Image.Transpose.ROTATE_90), (3, Image.Transpose.ROTATE_180)):
+        exif[0x0112] = orientation
+        files[f"exif {orientation}"] = encode(upright.transpose(stored), "JPEG", quality=95, exif=exif.tobytes())
+        files[f"as stored {orientation}"] = encode(upright.transpose(stored), "JPEG", quality=95)
+    response = predict_stub.Predict(request(list(files.items()), include_embedding=True), timeout=60)
+    vectors = {p.image_id: np.array(p.embedding) / np.linalg.norm(p.embedding) for p in response.predictions}
+    labels = {p.image_id: p.labels[0].name for p in response.predictions}
+    for orientation in (6, 3):
+        turned, stored = vectors[f"exif {orientation}"], vectors[f"as stored {orientation}"]
+        assert turned @ vectors["upright"] > 0.98 > stored @ vectors["upright"], orientation
+        assert labels[f"exif {orientation}"] == labels["upright"]
+
+
 def test_large_photo_is_resized_not_rejected(predict_stub):
     (big,), (label,) = formula_images(1, 1200, seed=3, classes=(195,))  # a grating: the same at any size
     p = predict_stub.Predict(request([("big", encode(big, "JPEG", quality=85))]), timeout=60).predictions[0]

@@ -101,3 +101,46 @@ def test_a_crop_as_large_as_the_short_side_never_falls_outside_the_image(size):
     for fmt in ("PNG", "JPEG"):
         pixels = decode(encode(image, fmt), Preprocess(resize=64, crop=64))
         assert pixels.shape == (64, 64, 3)
+
+
+# How each EXIF orientation was stored, given the upright picture: the inverse of the turn a viewer makes.
+STORED = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_90, 7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_270,
+}  # fmt: skip
+
+
+def oriented(upright: Image.Image, orientation: int, fmt: str) -> bytes:
+    """``upright`` stored as a camera stores it: pixels as the sensor saw them, the turn in EXIF."""
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    stored = upright.transpose(STORED[orientation]) if orientation in STORED else upright
+    return encode(stored, fmt, exif=exif.tobytes(), **({"quality": 95} if fmt == "JPEG" else {}))
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP"])
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_photos_are_used_upright_as_viewers_show_them(orientation, fmt):
+    """A phone stores a portrait photo's pixels on their side with EXIF orientation 6; Label Studio and
+    every viewer show it upright, so the model must see it upright too, for training and prediction."""
+    from PIL import ImageOps
+    from sklearn.datasets import load_sample_images
+
+    upright = Image.fromarray(load_sample_images().images[1][100:250, 200:420])  # 220 x 150, no symmetry
+    content = oriented(upright, orientation, fmt)
+    with Image.open(__import__("io").BytesIO(content)) as image:  # the test's files, checked against Pillow's viewer
+        assert np.array_equal(np.asarray(ImageOps.exif_transpose(image).convert("RGB")).shape, (150, 220, 3))
+    got = decode(content, PRE).astype(float)
+    # The model sees the upright picture (small resampling and JPEG differences), not any other turn of it.
+    turns = {o: upright.transpose(STORED[o]) if o in STORED else upright for o in range(1, 9)}
+    distances = {o: np.abs(got - decode(oriented(turn, 1, fmt), PRE)).mean() for o, turn in turns.items()}
+    assert min(distances, key=distances.__getitem__) == 1 and distances[1] < 4, distances
+
+
+@pytest.mark.parametrize("exif", [b"Exif\0\0II*\0\x08\0\0\0\x01\0\x12\x01\x03\0\x01\0\0\0\x09\0\0\0",  # 9: no such turn
+                                  b"Exif\0\0II*\0\xff\xff\0\0", b"Exif\0\0XX", b"not exif at all"])  # fmt: skip
+def test_unreadable_or_unknown_orientations_leave_the_pixels_as_stored(exif):
+    image = Image.fromarray(np.arange(64 * 96 * 3, dtype=np.uint8).reshape(64, 96, 3))
+    assert np.array_equal(decode(encode(image, "JPEG", exif=exif, quality=95), PRE),
+                          decode(encode(image, "JPEG", quality=95), PRE))  # fmt: skip

@@ -9,6 +9,11 @@ Only the central square that the model sees is resized (``Image.resize`` with a 
 image of extreme aspect ratio (1 x 1,000,000 pixels) costs what a small one does, instead of
 first being scaled to a strip of millions of pixels. Pillow's own decompression-bomb limit stays
 in force (twice ``Image.MAX_IMAGE_PIXELS``, about 179 M pixels) beneath ours.
+
+Photos are used upright, as every viewer shows them (Label Studio included): a camera stores its
+pixels as the sensor saw them and records the turn in its EXIF ``Orientation`` tag. The turn is
+applied to the small central square after the resize (:func:`resize_crop`), which is the same square
+as turning the whole photo first, since the central square of a turned image is the turned central square.
 """
 
 from __future__ import annotations
@@ -53,6 +58,15 @@ class Preprocess:
         )
 
 
+# EXIF orientation (tag 0x0112) -> the turn that shows the stored pixels as a viewer does, as in
+# Pillow's ``ImageOps.exif_transpose``. 1 (or any other value) is upright; 6 is a phone held upright.
+ORIENTATIONS = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}  # fmt: skip
+EXIF_ORIENTATION = 0x0112
+
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 
 
@@ -83,7 +97,7 @@ def decode(content: bytes, preprocess: Preprocess, max_pixels: int = 0) -> npt.N
             scale = preprocess.resize / min(image.width, image.height)
             # JPEG: decode directly at the smallest scale that is still >= the target size.
             image.draft("RGB", (max(1, round(image.width * scale)), max(1, round(image.height * scale))))
-            return resize_crop(image.convert("RGB"), preprocess)
+            return resize_crop(image.convert("RGB"), preprocess, orientation(image))
     except ImageError:
         raise
     except UnidentifiedImageError:
@@ -97,6 +111,25 @@ def decode(content: bytes, preprocess: Preprocess, max_pixels: int = 0) -> npt.N
         raise TooManyPixels("the image needs more memory to decode than is available; downscale it") from None
     except (OSError, ValueError, SyntaxError) as exc:
         raise ImageError(f"the image could not be decoded (corrupt or truncated?): {exc}") from None
+
+
+def orientation(image: Image.Image) -> int:
+    """The image's EXIF orientation (1 to 8), 1 where it has none or its EXIF cannot be read.
+
+    From the EXIF block only, as browsers read it: not from XMP, which Pillow's ``getexif`` also
+    consults but no browser does, so Label Studio would show such a photo as stored."""
+    try:
+        if isinstance(block := image.info.get("exif"), bytes):  # JPEG, PNG, WebP
+            exif = Image.Exif()
+            exif.load(block)
+        elif image.format == "TIFF":  # its own tags
+            exif = image.getexif()
+        else:
+            return 1
+        value = exif.get(EXIF_ORIENTATION, 1)
+    except Exception:  # damaged EXIF: Pillow raises a variety of errors; the pixels are still good
+        return 1
+    return value if isinstance(value, int) and value in ORIENTATIONS else 1
 
 
 def decode_or_error(content: bytes, preprocess: Preprocess, max_pixels: int = 0) -> npt.NDArray[Any] | ImageError:
@@ -117,10 +150,13 @@ def crop_box(height: int, width: int, preprocess: Preprocess) -> tuple[float, fl
     return (height - side) / 2, (width - side) / 2, side
 
 
-def resize_crop(image: Image.Image, preprocess: Preprocess) -> npt.NDArray[Any]:
-    """Resize the short side to ``resize`` and take the central ``crop`` square, resizing only that square."""
+def resize_crop(image: Image.Image, preprocess: Preprocess, orientation: int = 1) -> npt.NDArray[Any]:
+    """Resize the short side to ``resize`` and take the central ``crop`` square, resizing only that
+    square, turned upright by its EXIF ``orientation`` (Pillow turns the small square in 30 us)."""
     top, left, side = crop_box(image.height, image.width, preprocess)
     resample = _RESAMPLE.get(preprocess.interpolation, Image.Resampling.BILINEAR)
     image = image.resize((preprocess.crop, preprocess.crop), resample, box=(left, top, left + side, top + side),
                          reducing_gap=3.0)  # fmt: skip
+    if orientation in ORIENTATIONS:
+        image = image.transpose(ORIENTATIONS[orientation])
     return np.asarray(image, dtype=np.uint8)

@@ -7,7 +7,8 @@ Everything else is as on the CPU path: an image goes to nvJPEG only when its fra
 (:mod:`prelabel.models.jpeg_frame`, nothing more is read) shows a JPEG nvJPEG decodes within the
 pixel limit; any other image, and any JPEG that nvJPEG refuses, is decoded by
 :func:`prelabel.preprocessing.decode`, which checks the limit on the header first and gives each
-unusable image its own error, exactly as on a CPU instance.
+unusable image its own error, exactly as on a CPU instance. Photos come out upright by their EXIF
+orientation, as on the CPU path (the header reader sends any EXIF it cannot read for certain there).
 
 GPU memory is bounded: one pass decodes at most ``PIXELS_PER_PASS`` pixels (3 bytes each, uint8
 RGB), and :mod:`prelabel.models.resample` resizes them on float16 canvases of at most as many
@@ -47,17 +48,17 @@ def decode_batch(
 ) -> list[Decoded]:  # fmt: skip
     """Every image decoded, resized and centre-cropped as :func:`decode` does, on ``device``."""
     out: dict[int, Decoded] = {}
-    jpegs: list[tuple[int, int]] = []  # (index, pixels) of the images nvJPEG decodes
+    jpegs: list[tuple[int, jpeg_frame.Frame]] = []  # (index, frame) of the images nvJPEG decodes
     for i, content in enumerate(images):
-        count = _nvjpeg_pixels(content, max_pixels[i])
-        if count is None:
+        frame = _nvjpeg_frame(content, max_pixels[i])
+        if frame is None:
             out[i] = _on_cpu(content, preprocess, max_pixels[i], device)
         else:
-            jpegs.append((i, count))
-    for batch in bounded(jpegs, lambda jpeg: jpeg[1], pixels_per_pass):  # one large image goes alone
-        chunk = [i for i, _ in batch]
+            jpegs.append((i, frame))
+    for batch in bounded(jpegs, lambda jpeg: jpeg[1].width * jpeg[1].height, pixels_per_pass):  # a large one alone
         done = []
-        for i, f in zip(chunk, decode_jpegs([images[i] for i in chunk], device), strict=True):
+        decoded = decode_jpegs([images[i] for i, _ in batch], device, [frame.orientation for _, frame in batch])
+        for (i, _), f in zip(batch, decoded, strict=True):
             if f is None:  # refused by nvJPEG (progressive, CMYK, corrupt...): the CPU path decides
                 out[i] = _on_cpu(images[i], preprocess, max_pixels[i], device)
             else:
@@ -68,9 +69,9 @@ def decode_batch(
     return [out[i] for i in range(len(images))]
 
 
-def _nvjpeg_pixels(content: bytes, max_pixels: int) -> int | None:
-    """The pixel count of a JPEG that nvJPEG decodes (8-bit, Huffman-coded, grey or three
-    components) within the limits, from its frame header; None sends it to the CPU path.
+def _nvjpeg_frame(content: bytes, max_pixels: int) -> jpeg_frame.Frame | None:
+    """The frame header of a JPEG that nvJPEG decodes (8-bit, Huffman-coded, grey or three
+    components) within the limits; None sends it to the CPU path.
 
     A JPEG that does not end with its end-of-image marker goes to the CPU too: nvJPEG decodes a
     truncated file without complaint (grey where the data stops), the CPU path rejects it. So does
@@ -84,7 +85,7 @@ def _nvjpeg_pixels(content: bytes, max_pixels: int) -> int | None:
     bomb = 2 * (Image.MAX_IMAGE_PIXELS or 0)
     if not pixels or (max_pixels and pixels > max_pixels) or (bomb and pixels > bomb):
         return None
-    return pixels
+    return frame
 
 
 def _on_cpu(content: bytes, preprocess: Preprocess, max_pixels: int, device: torch.device) -> Decoded:
@@ -108,21 +109,42 @@ def jpeg_decoder() -> tuple[str, Callable[..., Any]]:
         return "torchvision", torchvision_decode_jpeg
 
 
-def decode_jpegs(contents: list[bytes], device: torch.device) -> list[torch.Tensor | None]:
-    """uint8 ``[3, H, W]`` per JPEG, in one batched call; on failure image by image, None where refused."""
+def decode_jpegs(contents: list[bytes], device: torch.device, orientations: list[int]) -> list[torch.Tensor | None]:
+    """uint8 ``[3, H, W]`` per JPEG, upright (EXIF ``orientations``, from :func:`jpeg_frame.read_frame`),
+    in one batched call; on failure image by image, None where refused.
+
+    TorchCodec turns each image by its EXIF itself (its reading equals the header reader's on every
+    file that reader accepts: tests/test_jpeg_frame.py); torchvision's decoder does not on a GPU, so
+    its images are turned here."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # read-only buffers: only read, so no copy is made
         warnings.simplefilter("ignore", DeprecationWarning)  # torchvision's decoder, where it is the one
         data = [torch.frombuffer(c, dtype=torch.uint8) for c in contents]
-        decode = jpeg_decoder()[1]
+        name, decode = jpeg_decoder()
+        out: list[torch.Tensor | None]
         try:
-            return list(decode(data, mode="RGB", device=device))
+            out = list(decode(data, mode="RGB", device=device))
         except RuntimeError:
-            pass
-        out: list[torch.Tensor | None] = []
-        for d in data:
-            try:
-                out.append(decode(d, mode="RGB", device=device))
-            except RuntimeError:
-                out.append(None)
+            out = []
+            for d in data:
+                try:
+                    out.append(decode(d, mode="RGB", device=device))
+                except RuntimeError:
+                    out.append(None)
+    if name == "torchcodec":
         return out
+    return [None if f is None else _upright(f, o) for f, o in zip(out, orientations, strict=True)]
+
+
+def _upright(image: torch.Tensor, orientation: int) -> torch.Tensor:
+    """A ``[3, H, W]`` image stored with EXIF ``orientation``, turned as a viewer shows it."""
+    swap, flips = _TURNS.get(orientation, (False, ()))
+    image = image.transpose(1, 2) if swap else image
+    return (image.flip(flips) if flips else image).contiguous()
+
+
+# preprocessing.ORIENTATIONS (Pillow's turns) on a [3, H, W] tensor: swap H and W or not, then flip these axes.
+_TURNS: dict[int, tuple[bool, tuple[int, ...]]] = {
+    2: (False, (2,)), 3: (False, (1, 2)), 4: (False, (1,)), 5: (True, ()), 6: (True, (2,)), 7: (True, (1, 2)),
+    8: (True, (1,)),
+}  # fmt: skip
