@@ -14,7 +14,7 @@ from tests.conftest import encode
 PRE = Preprocess(resize=64, crop=56)
 
 
-@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "WEBP", "BMP", "GIF"])
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "WEBP", "AVIF", "BMP", "GIF", "TIFF"])
 def test_decode_resizes_short_side_and_centre_crops(fmt):
     image = Image.new("RGB", (400, 200), (200, 10, 10))
     image.paste((10, 200, 10), (0, 0, 100, 200))  # a green left quarter, cropped away by the centre crop
@@ -119,7 +119,7 @@ def oriented(upright: Image.Image, orientation: int, fmt: str) -> bytes:
     return encode(stored, fmt, exif=exif.tobytes(), **({"quality": 95} if fmt == "JPEG" else {}))
 
 
-@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP"])
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP", "AVIF"])
 @pytest.mark.parametrize("orientation", range(1, 9))
 def test_photos_are_used_upright_as_viewers_show_them(orientation, fmt):
     """A phone stores a portrait photo's pixels on their side with EXIF orientation 6; Label Studio and

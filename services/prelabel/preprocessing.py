@@ -67,7 +67,7 @@ ORIENTATIONS = {
 }  # fmt: skip
 EXIF_ORIENTATION = 0x0112
 
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".avif", ".bmp", ".gif", ".tif", ".tiff"})
 
 
 class ImageError(ValueError):
