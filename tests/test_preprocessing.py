@@ -144,3 +144,36 @@ def test_unreadable_or_unknown_orientations_leave_the_pixels_as_stored(exif):
     image = Image.fromarray(np.arange(64 * 96 * 3, dtype=np.uint8).reshape(64, 96, 3))
     assert np.array_equal(decode(encode(image, "JPEG", exif=exif, quality=95), PRE),
                           decode(encode(image, "JPEG", quality=95), PRE))  # fmt: skip
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "WEBP", "GIF"])
+def test_transparent_pixels_are_white_whatever_colour_they_hold(fmt):
+    """A cut-out product photo: a black object on a transparent background. Dropping the alpha channel
+    would show the background's hidden colour (black here: the object vanishes); a page shows white."""
+    hidden = np.zeros((80, 120, 4), dtype=np.uint8)  # transparent black, as many editors store it
+    hidden[20:60, 40:80] = (10, 10, 10, 255)  # the opaque object, in the centre
+    image = Image.fromarray(hidden, "RGBA")
+    if fmt == "GIF":  # a palette with one transparent entry
+        image = image.convert("P", palette=Image.Palette.ADAPTIVE, colors=8)
+        image.info["transparency"] = image.getpixel((0, 0))
+    options = {"lossless": True} if fmt == "WEBP" else {}
+    pixels = decode(encode(image, fmt, **options), PRE).astype(int)
+    assert pixels[:8].min() >= 250 and pixels[-8:].min() >= 250  # the background: white
+    assert pixels[20:36, 20:36].max() <= 30  # the object: still dark
+    if fmt != "GIF":
+        other = hidden.copy()
+        other[hidden[..., 3] == 0] = (255, 0, 0, 0)  # the same picture, another hidden colour
+        again = decode(encode(Image.fromarray(other, "RGBA"), fmt, **options), PRE).astype(int)
+        assert np.abs(again - pixels).max() <= 2
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "TIFF"])
+def test_16_bit_grey_images_are_seen_as_browsers_show_them(fmt):
+    """Microscopy, medical and depth images are often 16-bit grey; Pillow's own conversion to RGB
+    clips them at 255 (all white). They are seen by their high byte, as a browser shows a 16-bit PNG."""
+    rng = np.random.default_rng(0)
+    deep = (rng.integers(0, 256, (10, 15)).repeat(8, 0).repeat(8, 1) * 257).astype(np.uint16)  # 80 x 120
+    pixels = decode(encode(Image.fromarray(deep), fmt), PRE)
+    assert Image.open(__import__("io").BytesIO(encode(Image.fromarray(deep), fmt))).mode.startswith("I")
+    expected = decode(encode(Image.fromarray((deep >> 8).astype(np.uint8)), "PNG"), PRE)
+    assert np.array_equal(pixels, expected) and pixels.std() > 30

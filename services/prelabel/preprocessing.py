@@ -97,7 +97,9 @@ def decode(content: bytes, preprocess: Preprocess, max_pixels: int = 0) -> npt.N
             scale = preprocess.resize / min(image.width, image.height)
             # JPEG: decode directly at the smallest scale that is still >= the target size.
             image.draft("RGB", (max(1, round(image.width * scale)), max(1, round(image.height * scale))))
-            return resize_crop(image.convert("RGB"), preprocess, orientation(image))
+            pixels = eight_bit(image)
+            pixels = pixels.convert("RGBA" if pixels.has_transparency_data else "RGB")
+            return resize_crop(pixels, preprocess, orientation(image))
     except ImageError:
         raise
     except UnidentifiedImageError:
@@ -111,6 +113,14 @@ def decode(content: bytes, preprocess: Preprocess, max_pixels: int = 0) -> npt.N
         raise TooManyPixels("the image needs more memory to decode than is available; downscale it") from None
     except (OSError, ValueError, SyntaxError) as exc:
         raise ImageError(f"the image could not be decoded (corrupt or truncated?): {exc}") from None
+
+
+def eight_bit(image: Image.Image) -> Image.Image:
+    """16-bit grey images (PNG, TIFF: microscopy, medical, depth) by their high byte, as browsers show
+    a 16-bit PNG; Pillow converts them to RGB by clipping at 255, which makes most of them white."""
+    if image.mode not in ("I", "I;16", "I;16B", "I;16L", "I;16N"):
+        return image
+    return Image.fromarray((np.asarray(image).clip(0, 65535) >> 8).astype(np.uint8), "L")
 
 
 def orientation(image: Image.Image) -> int:
@@ -151,12 +161,17 @@ def crop_box(height: int, width: int, preprocess: Preprocess) -> tuple[float, fl
 
 
 def resize_crop(image: Image.Image, preprocess: Preprocess, orientation: int = 1) -> npt.NDArray[Any]:
-    """Resize the short side to ``resize`` and take the central ``crop`` square, resizing only that
-    square, turned upright by its EXIF ``orientation`` (Pillow turns the small square in 30 us)."""
+    """Resize the short side of an RGB or RGBA image to ``resize`` and take the central ``crop``
+    square, resizing only that square, turned upright by its EXIF ``orientation`` (Pillow turns the
+    small square in 30 us). Transparent pixels are shown on white, as a page shows them: dropping the
+    alpha channel would show whatever colour they happen to hold (often black, so that a dark object
+    on a transparent background vanishes)."""
     top, left, side = crop_box(image.height, image.width, preprocess)
     resample = _RESAMPLE.get(preprocess.interpolation, Image.Resampling.BILINEAR)
     image = image.resize((preprocess.crop, preprocess.crop), resample, box=(left, top, left + side, top + side),
                          reducing_gap=3.0)  # fmt: skip
     if orientation in ORIENTATIONS:
         image = image.transpose(ORIENTATIONS[orientation])
+    if image.mode == "RGBA":
+        image = Image.alpha_composite(Image.new("RGBA", image.size, "white"), image).convert("RGB")
     return np.asarray(image, dtype=np.uint8)
