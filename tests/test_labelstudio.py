@@ -283,6 +283,40 @@ def test_a_person_sees_the_pre_label_in_the_browser_and_submits_it(studio, adapt
     assert choice_of(annotation) == KNOWN[0]
 
 
+@pytest.mark.parametrize("presign", [True, False])
+def test_a_project_on_cloud_storage_is_pre_labelled(studio, adapter, presign):
+    """Most teams keep their images in a bucket: Label Studio's S3 storage (here on moto's S3 server)
+    makes tasks of ``s3://`` URIs. Label Studio resolves them for the backend: it redirects to a
+    presigned URL (fetched without Label Studio's token) or, with presigning off, passes the bytes on."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    try:
+        endpoint, keys = f"http://127.0.0.1:{port}", {"aws_access_key_id": "prelabel", "aws_secret_access_key": "x"}
+        bucket = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", **keys)
+        bucket.create_bucket(Bucket="photos")
+        pictures = formula_images(3, 64, seed=9, classes=(formulas.CLASSES.index(KNOWN[0]),))[0]
+        for i, picture in enumerate(pictures):
+            bucket.put_object(Bucket="photos", Key=f"incoming/{i}.jpg", Body=encode(picture, "JPEG", quality=92))
+        project = studio.call("POST", "/api/projects", {"title": f"On S3 ({presign=})", "label_config": CONFIG})["id"]
+        storage = studio.call("POST", "/api/storages/s3", {
+            "project": project, "title": "photos", "bucket": "photos", "prefix": "incoming/", "use_blob_urls": True,
+            "presign": presign, "s3_endpoint": endpoint, "region_name": "us-east-1", **keys})  # fmt: skip
+        studio.call("POST", f"/api/storages/s3/{storage['id']}/sync", {})
+        tasks = studio.tasks(project)
+        assert len(tasks) == 3, tasks
+        connect(studio, adapter, project)
+        studio.retrieve_predictions(project)
+        for task in tasks:
+            (prediction,) = studio.task(task["id"])["predictions"]
+            assert choice_of(prediction) == KNOWN[0] and 0 < prediction["score"] <= 1, adapter.log()
+    finally:
+        server.stop()
+
+
 def test_offline_pre_labels_import_into_label_studio(studio, stack, tmp_path):
     """``prelabel predict --format labelstudio`` writes tasks with predictions that Label Studio imports as they are."""
     folder = tmp_path / "photos"

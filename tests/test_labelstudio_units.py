@@ -113,6 +113,44 @@ async def test_the_token_goes_only_to_label_studio(aiohttp_free_port):
     assert seen == ["Token T", "", "Token T"]
 
 
+async def test_cloud_storage_images_are_resolved_by_label_studio_and_the_token_stays_there(aiohttp_free_port):
+    """A task from an S3, GCS or Azure storage names its image ``s3://bucket/key``: Label Studio's
+    ``/tasks/ID/presign/`` (with the token) redirects to a presigned URL, fetched without the token."""
+    seen: dict[str, str] = {}
+
+    async def presign(request: web.Request) -> web.Response:
+        seen["presign"] = request.headers.get("Authorization", "")
+        uri = base64.urlsafe_b64decode(request.query["fileuri"]).decode()
+        if uri.endswith("gone.png"):
+            return web.Response(status=404)
+        key = uri.removeprefix("s3://")
+        raise web.HTTPSeeOther(f"http://localhost:{aiohttp_free_port}/{key}?X-Amz-Signature=abc")  # another origin
+
+    async def bucket(request: web.Request) -> web.Response:
+        seen["bucket"] = request.headers.get("Authorization", "")
+        if request.match_info["key"] == "expired.png":
+            return web.Response(status=403)
+        return web.Response(body=f"{request.match_info['key']} {request.query['X-Amz-Signature']}".encode())
+
+    app = web.Application()
+    app.router.add_get("/tasks/{task}/presign/", presign)
+    app.router.add_get("/bucket/{key}", bucket)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", aiohttp_free_port).start()
+    try:
+        async with aiohttp.ClientSession() as session:
+            here = f"http://127.0.0.1:{aiohttp_free_port}"
+            assert await images.fetch(session, "s3://bucket/a.png", here, "T", 100, 7) == b"a.png abc"
+            assert seen == {"presign": "Token T", "bucket": ""}
+            with pytest.raises(images.FetchError, match=r"could not resolve s3://bucket/gone.png \(HTTP 404\)"):
+                await images.fetch(session, "s3://bucket/gone.png", here, "T", 100, 7)
+            with pytest.raises(images.FetchError, match="answered HTTP 403"):  # the bucket's refusal, not the token's
+                await images.fetch(session, "s3://bucket/expired.png", here, "T", 100, 7)
+    finally:
+        await runner.cleanup()
+
+
 @pytest.fixture()
 def aiohttp_free_port() -> int:
     from tests.stack import free_port

@@ -206,7 +206,7 @@ class Backend:
             async with gate:
                 try:
                     limit = self.options.max_image_bytes
-                    return await images.fetch(self.session, url, project.url, project.token, limit)
+                    return await images.fetch(self.session, url, project.url, project.token, limit, task.get("id"))
                 except images.FetchError as exc:
                     log.warning("project %s, task %s: %s; it gets no pre-label", project.id, task.get("id"), exc)
                     return None

@@ -1,5 +1,7 @@
 """Fetching a task's image the way Label Studio stores it: uploads and local files on Label Studio itself
-(relative URLs, sent with its token), other URLs, and data URIs."""
+(relative URLs, sent with its token), cloud storage (``s3://``, ``gs://``, ``azure-blob://``: Label
+Studio's ``/tasks/ID/presign/`` resolves them, redirecting to a presigned URL or passing the bytes
+on, as Label Studio's own ML backend SDK asks it to), other URLs, and data URIs."""
 
 from __future__ import annotations
 
@@ -14,22 +16,37 @@ class FetchError(Exception):
     """An image that could not be had; the message says which and why."""
 
 
-async def fetch(session: aiohttp.ClientSession, url: str, label_studio: str, token: str, max_bytes: int) -> bytes:
-    """The encoded image that ``url`` (a task's image field) names, at most ``max_bytes``."""
+CLOUD_SCHEMES = ("s3:", "gs:", "azure-blob:")  # the URIs of Label Studio's cloud storages
+
+
+async def fetch(session: aiohttp.ClientSession, url: str, label_studio: str, token: str, max_bytes: int,
+                task: object = None) -> bytes:  # fmt: skip
+    """The encoded image that ``url`` (task ``task``'s image field) names, at most ``max_bytes``."""
     if url.startswith("data:"):
         return _data_uri(url, max_bytes)
-    absolute = urljoin(label_studio.rstrip("/") + "/", url)
+    if url.startswith(CLOUD_SCHEMES):
+        fileuri = base64.urlsafe_b64encode(url.encode()).decode()
+        absolute = f"{label_studio.rstrip('/')}/tasks/{task}/presign/?fileuri={fileuri}"
+    else:
+        absolute = urljoin(label_studio.rstrip("/") + "/", url)
     if urlsplit(absolute).scheme not in ("http", "https"):
-        raise FetchError(f"{url[:120]!r} is not an http(s) URL, a data URI, or a path on Label Studio")
-    # Label Studio's token goes only to Label Studio, never to another host a task happens to name.
+        raise FetchError(f"{url[:120]!r} is not an http(s) URL, a data URI, a cloud storage URI "
+                         f"({', '.join(s + '//' for s in CLOUD_SCHEMES)}) or a path on Label Studio")  # fmt: skip
+    # Label Studio's token goes only to Label Studio, never to another host a task happens to name
+    # (nor to the host of a presigned URL that Label Studio redirects to: aiohttp drops it there).
     same_host = urlsplit(absolute).netloc == urlsplit(label_studio).netloc
     headers = {"Authorization": f"Token {token}"} if token and same_host else {}
     try:
         async with session.get(absolute, headers=headers) as response:
-            if response.status in (401, 403) and same_host:
+            if response.status in (401, 403) and same_host and not response.history:
                 raise FetchError(
                     f"Label Studio refused the token for {absolute[:200]} (HTTP {response.status}); "
                     "give the adapter an API token with access to the project: --label-studio-token"
+                )
+            if response.status == 404 and url.startswith(CLOUD_SCHEMES) and not response.history:
+                raise FetchError(
+                    f"Label Studio could not resolve {url[:200]} (HTTP 404): the project has no cloud storage "
+                    "connected for it any more, or the object is gone"
                 )
             if response.status != 200:
                 raise FetchError(f"{absolute[:200]} answered HTTP {response.status}")
