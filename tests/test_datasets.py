@@ -148,3 +148,23 @@ def test_a_crash_between_log_and_summary_loses_no_later_upload(tmp_path):
     info = add(store, "birds", [(d, "sparrow")])
     assert info.class_counts == {"robin": 1, "sparrow": 1, "wren": 1} and info.revision == 3
     assert sorted(store.snapshot("birds").values()) == ["robin", "sparrow", "wren"]  # as the summary says
+
+
+def test_folders_leave_out_what_tools_leave_beside_the_images(tmp_path):
+    """A folder zipped on a Mac holds ``__MACOSX/`` and ``._photo.jpg`` resource forks (not images);
+    Jupyter leaves ``.ipynb_checkpoints``. None of them is an image or a class."""
+    from prelabel.datasets.folder import images_under, labelled_files
+
+    files = {"cat/1.png": image(1), "cat/._1.png": b"\0\5\x16\7 resource fork", "cat/.hidden/2.png": image(2),
+             "dog/1.jpg": image(3, "JPEG"), "dog/sub/2.JPG": image(4, "JPEG"), ".ipynb_checkpoints/cat/3.png": image(5),
+             "__MACOSX/cat/._1.png": b"\0\5\x16\7", "dog/notes.txt": b"not an image"}  # fmt: skip
+    for name, content in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(content)
+    found = [(str(p.relative_to(tmp_path)), label) for p, label in labelled_files(tmp_path)]
+    assert found == [("cat/1.png", "cat"), ("dog/1.jpg", "dog"), ("dog/sub/2.JPG", "dog")]
+    assert [str(p.relative_to(tmp_path)) for p in images_under(tmp_path)] == ["cat/1.png", "dog/1.jpg", "dog/sub/2.JPG"]
+    hidden_root = tmp_path / ".data"  # a folder that is itself hidden is still read when named
+    (hidden_root / "cat").mkdir(parents=True)
+    (hidden_root / "cat" / "1.png").write_bytes(image(6))
+    assert [p.name for p in images_under(hidden_root)] == ["1.png"]

@@ -278,6 +278,9 @@ def test_cli_predict_folder_and_models(stack, labelled_images, tmp_path):
     for k, blob in enumerate(noise):
         (folder / f"noise{k}.png").write_bytes(blob)
     (folder / "notes.txt").write_text("not an image")
+    (folder / "._noise0.png").write_bytes(b"\0\5\x16\7 macOS resource fork")  # hidden: not an image
+    (folder / ".ipynb_checkpoints").mkdir()
+    (folder / ".ipynb_checkpoints" / "copy.png").write_bytes(noise[0])
     out = tmp_path / "predictions.jsonl"
     run = subprocess.run(
         [

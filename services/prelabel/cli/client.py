@@ -17,6 +17,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tqdm import tqdm
 
 from prelabel.batching import bounded
+from prelabel.datasets.folder import images_under
 from prelabel.errors import InvalidArgument, Unavailable
 from prelabel.labelstudio import export
 from prelabel.preprocessing import IMAGE_SUFFIXES
@@ -62,7 +63,7 @@ def image_files(paths: list[Path]) -> list[Path]:
     found: list[Path] = []
     for path in paths:
         if path.is_dir():
-            found.extend(sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()))
+            found.extend(images_under(path))
         elif path.is_file():
             found.append(path)
         else:
