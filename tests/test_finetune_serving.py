@@ -7,6 +7,7 @@ import dataclasses
 import re
 import subprocess
 import threading
+import time
 
 import grpc
 import numpy as np
@@ -109,6 +110,33 @@ def test_published_versions_are_served_and_swapped_without_errors(stack, channel
     assert v1.base_model == "prelabel-base/1" and list(v1.labels) == sorted(shapes.NOVEL_CLASSES)
     assert 0 < v1.metrics["val_accuracy"] <= 1 and "auto_accept_coverage" in v1.metrics
     assert "as requested" in v1.strategy_reason
+
+    # Version 3: Triton keeps the newest two loaded (PRELABEL_TRITON_LOADED_VERSIONS), so version 1 is
+    # unloaded (each loaded version holds its own python stubs: memory would grow with every fine-tune).
+    assert publish(repository, "novel-shapes", first, base) == 3
+    assert asyncio.run(load_into_triton(stack.triton_url, "novel-shapes"))
+    for _ in range(60):  # the gateway sees it at its next look at Triton
+        if predict_stub.Predict(request(test_images[:1], model="novel-shapes"), timeout=60).version == "3":
+            break
+        time.sleep(0.5)
+    model = rpc.ModelServiceStub(channel).GetModel(pb.GetModelRequest(name="novel-shapes"), timeout=10)
+    assert model.default_version == "3" and [(v.version, v.ready) for v in model.versions] == [
+        ("1", False), ("2", True), ("3", True)]  # fmt: skip
+    assert predict_stub.Predict(request(test_images[:1], model="novel-shapes", version="2"), timeout=60).version == "2"
+    with pytest.raises(grpc.RpcError) as unloaded:
+        predict_stub.Predict(request(test_images[:1], model="novel-shapes", version="1"), timeout=60)
+    assert unloaded.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "version 1 of 'novel-shapes' is not served: Triton keeps the newest 2 version(s) of each model loaded " \
+           "(2, 3)" in unloaded.value.details()  # fmt: skip
+    pattern = re.compile(rf"{re.escape(str(stack.data_dir))}/models/novel-shapes/(\d+)/model\.py")
+    for _ in range(60):  # Triton ends the stubs of what it unloads in the background
+        stubs = sorted(
+            pattern.findall(subprocess.run(["ps", "-ww", "-eo", "args"], capture_output=True, text=True).stdout)
+        )
+        if stubs == ["2", "3"]:
+            break
+        time.sleep(0.5)
+    assert stubs == ["2", "3"]  # one python stub per loaded version (one instance each here)
 
 
 def test_cli_train_publishes_and_loads_into_the_running_triton(stack, predict_stub, tmp_path):

@@ -36,7 +36,8 @@ def test_versions_are_numbered_written_whole_and_described(tmp_path):
     assert (repo.version_dir("pets", 2) / "weights.pt").read_bytes() == b"w2"
     assert "prelabel.triton.backend.model" in (repo.version_dir("pets", 1) / "model.py").read_text()
     config = (tmp_path / "models" / "pets" / "config.pbtxt").read_text()
-    for expected in ('backend: "python"', "max_batch_size: 16", "dynamic_batching", "kind: KIND_CPU", "all { }"):
+    for expected in ('backend: "python"', "max_batch_size: 16", "dynamic_batching", "kind: KIND_CPU",
+                     "version_policy: { latest { num_versions: 2 } }"):  # fmt: skip
         assert expected in config
     assert repo.card("pets", 1).metrics == {"accuracy": 0.9}
     assert repo.card("pets", 2).strategy == "STRATEGY_FULL_FINE_TUNE"
@@ -107,17 +108,22 @@ def test_configs_from_an_older_release_are_rewritten_at_start(tmp_path):
 def test_instance_and_batching_settings_reach_every_model_at_start(tmp_path, caplog):
     ModelRepository(tmp_path).add_version("m", card(), lambda folder: None)
     ModelRepository(tmp_path).add_version("n", card(), lambda folder: None)
+    assert "version_policy: { latest { num_versions: 2 } }" in (tmp_path / "m" / "config.pbtxt").read_text()
     changed = ModelRepository(tmp_path, RepositoryConfig(max_batch_size=64, instance_count=3, instance_kind="KIND_GPU",
-                                                         max_queue_delay_us=500))  # fmt: skip
+                                                         max_queue_delay_us=500, loaded_versions=3))  # fmt: skip
     with caplog.at_level("INFO", "prelabel.repository"):
         changed.write_configs()
     for name in ("m", "n"):
         text = (tmp_path / name / "config.pbtxt").read_text()
         assert "max_batch_size: 64" in text and "count: 3, kind: KIND_GPU" in text and ": 500" in text
-        assert f"model {name}: config.pbtxt rewritten: 3 x KIND_GPU, max batch 64" in caplog.text
+        assert "version_policy: { latest { num_versions: 3 } }" in text
+        assert f"model {name}: config.pbtxt rewritten: 3 x KIND_GPU, max batch 64, queue delay 500 us, the newest 3 " \
+               "version(s) loaded" in caplog.text  # fmt: skip
     caplog.clear()
     changed.write_configs()  # nothing changed: nothing written, nothing logged
     assert "rewritten" not in caplog.text
+    ModelRepository(tmp_path, RepositoryConfig(loaded_versions=0)).write_configs()  # 0: every version, as before
+    assert "version_policy: { all { } }" in (tmp_path / "m" / "config.pbtxt").read_text()
 
 
 def test_card_round_trip_ignores_unknown_fields():

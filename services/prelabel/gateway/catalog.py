@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from prelabel.errors import NotFound, PrelabelError, Unavailable, parse_number
+from prelabel.errors import FailedPrecondition, NotFound, PrelabelError, Unavailable, parse_number
 from prelabel.gateway.protos import version_to_pb
 from prelabel.models.card import VersionCard
 from prelabel.names import validate_name
@@ -89,7 +89,8 @@ class ModelCatalog:
         return self._cards[key]
 
     async def resolve(self, model: str, version: str) -> Resolved:
-        """Name and version of a request to a ready model version, or a clear NOT_FOUND/UNAVAILABLE."""
+        """Name and version of a request to a ready model version, or a clear NOT_FOUND, UNAVAILABLE (still
+        loading) or FAILED_PRECONDITION (an older version than Triton keeps loaded)."""
         asked_at = time.monotonic()
         name = model or self.default_model
         # What the request says is checked first: a bad version is the client's to fix, whatever Triton's state.
@@ -114,6 +115,13 @@ class ModelCatalog:
             number = wanted
             if number not in versions:
                 raise NotFound(f"model {name!r} has no version {number}; versions: {versions}")
+            if number not in ready and number not in self.repository.config.loaded(versions):
+                n = self.repository.config.loaded_versions
+                raise FailedPrecondition(
+                    f"version {number} of {name!r} is not served: Triton keeps the newest {n} version(s) of each model "
+                    f"loaded ({', '.join(map(str, versions[-n:]))}); ask for one of them, or none for the newest, "
+                    "or raise PRELABEL_TRITON_LOADED_VERSIONS"
+                )
             if number not in ready:
                 raise Unavailable(f"version {number} of {name!r} is not loaded in Triton yet; retry shortly")
         else:

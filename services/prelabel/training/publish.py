@@ -1,8 +1,11 @@
 """Publishing a training result: a new numbered version in the model repository, loaded by Triton.
 
-Triton runs with explicit model control and ``version_policy: all``, so ``load_model`` adds the new
-version while the old ones keep answering: calls in flight do not fail, and ``Predict`` with an
-empty version moves to the new one as soon as it is ready.
+Triton runs with explicit model control and keeps the newest ``PRELABEL_TRITON_LOADED_VERSIONS``
+versions of each model loaded (``version_policy: latest``), so ``load_model`` adds the new version
+while the previous one keeps answering, and unloads the one that falls out of the policy (Triton
+lets its calls in flight finish): calls do not fail, ``Predict`` with an empty version moves to the
+new one as soon as it is ready, and memory does not grow with every fine-tune (each loaded version
+holds its own python stubs: about 420 MB on a CPU, 1.5 GB of GPU memory per instance on a GPU).
 """
 
 from __future__ import annotations

@@ -46,7 +46,7 @@ output [
   {{ name: "ERROR_CODE", data_type: TYPE_INT32, dims: [ 1 ] }},
   {{ name: "ERROR_MESSAGE", data_type: TYPE_UINT8, dims: [ -1 ] }}
 ]
-version_policy: {{ all {{ }} }}
+version_policy: {version_policy}
 dynamic_batching {{
   max_queue_delay_microseconds: {max_queue_delay_us}
 }}
@@ -62,6 +62,15 @@ class RepositoryConfig:
     max_queue_delay_us: int = 2000
     instance_count: int = 1
     instance_kind: str = "KIND_AUTO"
+    loaded_versions: int = 2  # the newest versions Triton keeps loaded; 0: all
+
+    @property
+    def version_policy(self) -> str:
+        return f"{{ latest {{ num_versions: {self.loaded_versions} }} }}" if self.loaded_versions else "{ all { } }"
+
+    def loaded(self, versions: list[int]) -> list[int]:
+        """Which of a model's versions (ascending) the policy has Triton load."""
+        return versions[-self.loaded_versions :] if self.loaded_versions else versions
 
 
 class ModelRepository:
@@ -136,8 +145,10 @@ class ModelRepository:
         for name in self.models():
             if self._write_config(name):
                 c = self.config
-                log.info("model %s: config.pbtxt rewritten: %d x %s, max batch %d, queue delay %d us", name,
-                         c.instance_count, c.instance_kind, c.max_batch_size, c.max_queue_delay_us)  # fmt: skip
+                loaded = f"the newest {c.loaded_versions}" if c.loaded_versions else "every"
+                log.info("model %s: config.pbtxt rewritten: %d x %s, max batch %d, queue delay %d us, %s version(s) "
+                         "loaded", name, c.instance_count, c.instance_kind, c.max_batch_size, c.max_queue_delay_us,
+                         loaded)  # fmt: skip
 
     def _write_config(self, name: str) -> bool:
         """Write ``name``'s config if it differs; True if it did."""
@@ -148,6 +159,7 @@ class ModelRepository:
             max_queue_delay_us=c.max_queue_delay_us,
             instance_count=c.instance_count,
             instance_kind=c.instance_kind,
+            version_policy=c.version_policy,
         )
         path = self.root / name / "config.pbtxt"
         if path.is_file() and path.read_text() == text:
@@ -177,5 +189,6 @@ def repository_for(settings: Settings) -> ModelRepository:
             max_queue_delay_us=settings.triton_max_queue_delay_us,
             instance_count=settings.triton_instance_count or default_instance_count(kind),
             instance_kind=kind,
+            loaded_versions=settings.triton_loaded_versions,
         ),
     )
