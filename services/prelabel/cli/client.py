@@ -236,6 +236,9 @@ def models(server: str, creds: Credentials, args: argparse.Namespace) -> int:
             name = model.name + (" (default)" if model.name == response.default_model else "")
             ready = "yes" if v.ready else "no"
             print(f"{name:<24} {v.version:>7} {ready:<5} {v.architecture:<20} {len(v.labels):>7}  {v.base_model}")
+    if any(not v.ready for m in response.models for v in m.versions):
+        print("READY no: still loading, or older than the newest versions Triton keeps loaded "
+              "(PRELABEL_TRITON_LOADED_VERSIONS on the server)", file=sys.stderr)  # fmt: skip
     return 0
 
 
