@@ -137,6 +137,9 @@ def test_published_versions_are_served_and_swapped_without_errors(stack, channel
             break
         time.sleep(0.5)
     assert stubs == ["2", "3"]  # one python stub per loaded version (one instance each here)
+    listed = subprocess.run([PRELABEL, "models", "--server", stack.address], capture_output=True, text=True, timeout=60)
+    assert re.search(r"novel-shapes +1 no ", listed.stdout) and re.search(r"novel-shapes +3 yes ", listed.stdout)
+    assert "older than the newest versions Triton keeps loaded" in listed.stderr
 
 
 def test_cli_train_publishes_and_loads_into_the_running_triton(stack, predict_stub, tmp_path):
