@@ -168,3 +168,17 @@ def test_instance_count_defaults_to_several_per_gpu_and_one_on_the_cpu(tmp_path)
     here = 2 if Path("/proc/driver/nvidia/gpus").is_dir() else 1
     assert repository_for(Settings(data_dir=tmp_path)).config.instance_count == here
     assert repository_for(Settings(data_dir=tmp_path, triton_instance_count=3)).config.instance_count == 3
+
+
+def test_version_numbers_are_never_reused_after_a_rollback(tmp_path):
+    """docs/operations.md rolls back by moving the newest version out; the next fine-tune must not
+    take its number: Label Studio keeps predictions of ``pets@3`` and asks again only for a new version."""
+    repo = ModelRepository(tmp_path / "models")
+    for _ in range(3):
+        repo.add_version("pets", card(), lambda d: None)
+    (tmp_path / "retired").mkdir()
+    (tmp_path / "models" / "pets" / "3").rename(tmp_path / "retired" / "pets-3")
+    assert repo.versions("pets") == [1, 2]
+    assert repo.add_version("pets", card(), lambda d: None) == 4 and repo.versions("pets") == [1, 2, 4]
+    (tmp_path / "models" / "pets" / ".last-version").unlink()  # a repository from an older release: as before
+    assert repo.add_version("pets", card(), lambda d: None) == 5

@@ -56,6 +56,9 @@ instance_group [
 """
 
 
+LAST_ISSUED = ".last-version"  # in each model's folder: the highest version number ever issued there
+
+
 @dataclass(frozen=True)
 class RepositoryConfig:
     max_batch_size: int = 32
@@ -96,6 +99,13 @@ class ModelRepository:
             return set()
         return {int(p.name) for p in folder.iterdir() if p.name.isascii() and p.name.isdigit() and len(p.name) < 19}
 
+    @staticmethod
+    def _last_issued(model_dir: Path) -> int:
+        try:
+            return int((model_dir / LAST_ISSUED).read_text())
+        except (OSError, ValueError):
+            return 0
+
     def card(self, name: str, version: int) -> VersionCard:
         path = self.root / validate_name(name) / str(version) / "card.json"
         if not path.is_file():
@@ -110,6 +120,8 @@ class ModelRepository:
 
         The folder is filled in a staging area beside the repository, then renamed into place as the
         next free number; a rename that loses a race to another writer retries with the next number.
+        Numbers are never reused: a version moved out (a rollback) keeps its number, which Label Studio
+        and clients hold on to (a prediction of ``pets@3`` must mean one model).
         """
         validate_name(name)
         model_dir = self.root / name
@@ -129,7 +141,8 @@ class ModelRepository:
                         "model %s: version folder(s) %s hold no card.json: not Prelabel versions (Triton will fail to "
                         "load them); publishing past them. Remove them from %s", name, strays, model_dir,
                     )  # fmt: skip
-                version = max(taken, default=0) + 1
+                version = max(*taken, self._last_issued(model_dir), 0) + 1
+                write_atomically(model_dir / LAST_ISSUED, str(version).encode())  # before: one change for a poll
                 try:
                     os.rename(staging, model_dir / str(version))
                     return version
