@@ -47,9 +47,12 @@ CMD ["gateway"]
 FROM ${TRITON_IMAGE} AS triton
 ARG TORCH_INDEX=https://download.pytorch.org/whl/cu128
 COPY --from=wheel /wheels /wheels
+# The same user as the service image's: Triton's init container rewrites configs that trainers wrote
+# on the shared volume (docs/operations.md).
 RUN pip install --no-cache-dir --extra-index-url "${TORCH_INDEX}" /wheels/*.whl \
-    && rm -rf /wheels
-USER 1000
+    && rm -rf /wheels \
+    && useradd --uid 10001 --no-create-home --shell /usr/sbin/nologin prelabel
+USER 10001
 EXPOSE 8000 8001 8002
 HEALTHCHECK --interval=15s --timeout=5s --start-period=300s CMD ["curl", "-fsS", "http://127.0.0.1:8000/v2/health/live"]
 # --disable-auto-complete-config: Prelabel writes complete configs; auto-completion starts one more python

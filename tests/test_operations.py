@@ -9,6 +9,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import urllib.request
 import zipfile
 from pathlib import Path
@@ -22,7 +23,7 @@ from prelabel.triton.supervisor import TritonSupervisor
 from prelabel.v1 import prelabel_pb2 as pb
 from prelabel.v1 import prelabel_pb2_grpc as rpc
 from tests.conftest import promtool
-from tests.stack import METRICS, Process, environment
+from tests.stack import METRICS, PRELABEL, Process, environment
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
@@ -151,7 +152,7 @@ def test_dockerfile_passes_hadolint_and_builds_the_images_it_promises():
     service, triton = "\n".join(stages["service"]), "\n".join(stages["triton"])
     assert "USER 10001" in service and "HEALTHCHECK" in service and 'CMD ["prelabel", "health"]' in service
     assert '"${TORCH_INDEX}"' in service and '"${TORCH_INDEX}"' in triton  # CPU/GPU torch by build argument
-    assert "USER 1000" in triton and "HEALTHCHECK" in triton and "pip install" in triton
+    assert "USER 10001" in triton and "HEALTHCHECK" in triton and "pip install" in triton  # the service's user
 
 
 def test_the_wheel_stage_builds_a_wheel_with_code_model_and_generated_api(tmp_path):
@@ -214,6 +215,12 @@ def test_kubernetes_overlays_render_valid_objects(overlay):
         assert pod["securityContext"]["runAsNonRoot"] is True
         for c in pod.get("initContainers", []) + pod["containers"]:
             assert c["resources"]["requests"] and c["resources"]["limits"], c["name"]
+    # Every pod on the data volume runs as one user: Triton's init container rewrites the configs that
+    # trainers wrote, and each reads what the others wrote.
+    on_volume = [p for p in pods if any(v.get("persistentVolumeClaim", {}).get("claimName") == "prelabel-data"
+                                        for v in p.get("volumes", []))]  # fmt: skip
+    assert len(on_volume) == 3  # gateway, trainer, Triton
+    assert {(p["securityContext"]["runAsUser"], p["securityContext"]["fsGroup"]) for p in on_volume} == {(10001, 10001)}
     gateway = by_kind[("Deployment", "gateway")]["spec"]["template"]["spec"]["containers"][0]
     sources = [next(iter(s)) for s in gateway["envFrom"]]
     assert sources == ["configMapRef", "secretRef"]  # settings from a ConfigMap, credentials from a Secret
@@ -247,3 +254,30 @@ def test_every_triton_runs_without_config_auto_completion(tmp_path):
         commands.append(triton["spec"]["template"]["spec"]["containers"][0]["args"])
     for command in commands:
         assert "--disable-auto-complete-config" in command, command
+
+
+NOBODY = 65534  # another user than the one who publishes, as Triton's pod may be
+
+
+def test_another_user_can_read_all_that_triton_loads(tmp_path_factory):
+    """Trainers, gateways and Triton may run as different users on one shared volume (Kubernetes pods,
+    compose services). A version folder made by ``tempfile`` is 0700 and a config 0600, which Triton as
+    another user cannot read: every model would fail to load. Here the repository is written by this
+    process (``prelabel init`` publishes the default model as a trainer publishes versions) and another
+    user reads every file in it. (The real Triton cannot run as another user on this machine: its
+    Python lives under /root.)"""
+    shared = Path(tempfile.mkdtemp(prefix="prelabel-shared-"))
+    try:
+        shared.chmod(0o755)
+        init = subprocess.run([PRELABEL, "init"], env=environment(shared / "data"), capture_output=True, text=True,
+                              timeout=300)  # fmt: skip
+        assert init.returncode == 0, init.stderr
+        files = sorted(str(p) for p in (shared / "data" / "models").rglob("*") if p.is_file())
+        assert any(f.endswith("/1/weights.pt") for f in files) and any(f.endswith("/config.pbtxt") for f in files)
+        setpriv = shutil.which("setpriv")
+        assert setpriv, "setpriv (util-linux) is missing"
+        read = subprocess.run([setpriv, f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", "cat", *files],
+                              capture_output=True, timeout=60)  # fmt: skip
+        assert read.returncode == 0, read.stderr.decode()
+    finally:
+        shutil.rmtree(shared, ignore_errors=True)

@@ -182,3 +182,26 @@ def test_version_numbers_are_never_reused_after_a_rollback(tmp_path):
     assert repo.add_version("pets", card(), lambda d: None) == 4 and repo.versions("pets") == [1, 2, 4]
     (tmp_path / "models" / "pets" / ".last-version").unlink()  # a repository from an older release: as before
     assert repo.add_version("pets", card(), lambda d: None) == 5
+
+
+def test_a_config_another_user_owns_is_left_as_it_is_and_said_so(tmp_path, caplog, monkeypatch):
+    """``prelabel init`` in Triton's pod rewrites every config at start; one that a trainer running as
+    another user wrote cannot be rewritten: say what to do, and let Triton start with the old one."""
+    repo = ModelRepository(tmp_path, RepositoryConfig(max_batch_size=8))
+    repo.add_version("mine", card(), lambda folder: None)
+    repo.add_version("theirs", card(), lambda folder: None)
+    other = ModelRepository(tmp_path, RepositoryConfig(max_batch_size=16))
+    real = other._write_config
+
+    def write(name: str) -> bool:
+        if name == "theirs":
+            raise PermissionError(13, "Permission denied", str(tmp_path / name))
+        return real(name)
+
+    monkeypatch.setattr(other, "_write_config", write)
+    with caplog.at_level("INFO", "prelabel.repository"):
+        other.write_configs()
+    assert "max_batch_size: 16" in (tmp_path / "mine" / "config.pbtxt").read_text()
+    assert "max_batch_size: 8" in (tmp_path / "theirs" / "config.pbtxt").read_text()
+    assert "model theirs: cannot rewrite config.pbtxt ([Errno 13] Permission denied" in caplog.text
+    assert "Run every process that writes the repository as one user" in caplog.text

@@ -8,14 +8,31 @@ import tempfile
 from pathlib import Path
 
 
+def umask() -> int:
+    """This process's umask, read without changing it (``os.umask`` sets it: a race with other threads)."""
+    with contextlib.suppress(OSError, ValueError, StopIteration):
+        status = Path("/proc/self/status").read_text().splitlines()
+        return int(next(line for line in status if line.startswith("Umask:")).split()[1], 8)
+    return 0o022
+
+
+def share(path: Path) -> None:
+    """Give ``path`` the permissions a plain ``open()`` or ``mkdir()`` would: ``tempfile`` makes files
+    0600 and folders 0700, which no other user can read, and Triton, trainers and gateways may run as
+    different users on one shared volume (Kubernetes)."""
+    os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask())
+
+
 def write_atomically(path: Path, content: bytes) -> None:
     """Write ``content`` to a unique temporary file beside ``path``, fsync it, then rename it into place.
 
     Readers see the old file or the new one; concurrent writers each rename a whole file; a crash
-    leaves at most a stray temporary file, never a truncated ``path``.
+    leaves at most a stray temporary file, never a truncated ``path``. The file gets the permissions
+    a plain ``open()`` would give it (:func:`share`).
     """
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
+        share(Path(tmp))
         with os.fdopen(fd, "wb") as f:
             f.write(content)
             f.flush()

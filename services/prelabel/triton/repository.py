@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from prelabel.errors import NotFound
-from prelabel.files import write_atomically
+from prelabel.files import share, write_atomically
 from prelabel.models.card import VersionCard
 from prelabel.names import validate_name
 from prelabel.settings import Settings
@@ -131,6 +131,7 @@ class ModelRepository:
         staging_root.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=staging_root))
         try:
+            share(staging)  # Triton may run as another user than the one publishing
             (staging / "model.py").write_text(MODEL_PY)
             write_files(staging)
             (staging / "card.json").write_text(card.to_json())
@@ -156,7 +157,13 @@ class ModelRepository:
         """Every model's ``config.pbtxt`` as this release and these settings write it, at every start: outputs
         change between releases, and instance count, kind and batching must follow PRELABEL_TRITON_*."""
         for name in self.models():
-            if self._write_config(name):
+            try:
+                written = self._write_config(name)
+            except PermissionError as exc:  # a model folder another user owns: serve it as it is
+                log.error("model %s: cannot rewrite config.pbtxt (%s); it keeps its old settings. Run every "
+                          "process that writes the repository as one user (docs/operations.md)", name, exc)  # fmt: skip
+                continue
+            if written:
                 c = self.config
                 loaded = f"the newest {c.loaded_versions}" if c.loaded_versions else "every"
                 log.info("model %s: config.pbtxt rewritten: %d x %s, max batch %d, queue delay %d us, %s version(s) "
