@@ -73,15 +73,18 @@ def test_triton_batches_count_images_and_bad_sizes_are_refused(stack, labelled_i
     client = triton_grpc.InferenceServerClient(stack.triton_url)
     images = [content for _, content, _ in labelled_images[:5]]
 
-    def executions_of_five() -> int:
+    def executions() -> dict[int, int]:
         stats = client.get_inference_statistics("prelabel-base", as_json=True)["model_stats"]
-        return sum(int(b["compute_infer"]["count"]) for s in stats for b in s.get("batch_stats", [])
-                   if int(b["batch_size"]) == 5)  # fmt: skip
+        return {int(b["batch_size"]): int(b["compute_infer"]["count"]) for s in stats for b in s.get("batch_stats", [])}
 
-    before = executions_of_five()
+    before = executions()
     outputs = [triton_grpc.InferRequestedOutput(n) for n in ("PROBABILITIES", "ERROR_CODE", "ERROR_MESSAGE")]
     result = client.infer("prelabel-base", image_inputs(images), outputs=outputs)
-    assert executions_of_five() == before + 1
+    after = executions()
+    grown = {size: n - before.get(size, 0) for size, n in after.items() if n > before.get(size, 0)}
+    # The five images ran in one execution (with another caller's, if one called at that moment; the full
+    # suite once saw that), not one by one.
+    assert any(size >= 5 for size in grown) and sum(grown.values()) <= 2, (before, after)
     assert result.as_numpy("PROBABILITIES").shape == (5, len(formulas.CLASSES))
     assert result.as_numpy("ERROR_CODE").reshape(-1).tolist() == [0] * 5
 
