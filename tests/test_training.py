@@ -512,3 +512,23 @@ def test_one_pass_gives_the_base_its_logits_and_feature_extraction_its_features(
     two_passes = loop.predict(base.model, examples.pixels, normalize)
     assert torch.allclose(logits, two_passes[0], atol=1e-4) and torch.allclose(embeddings, two_passes[1], atol=1e-5)
     assert features.shape[1] == fe_model.embedding_dim and torch.equal(features[:, -embeddings.shape[1] :], embeddings)
+
+
+def test_published_weights_are_stored_compactly_and_load_back_exactly(base, repository):
+    """A feature-extraction version is the base's frozen backbone (float16 in the package) plus a new
+    head: stored float32 it took twice the base's disk at every fine-tune. Exact float16 values are
+    stored as float16, the rest float32: what loads is bit for bit what was trained."""
+    from prelabel.models.runner import Runner
+    from prelabel.training.publish import publish
+
+    result = engine.train(base, novel(4, 5, base), engine.TrainConfig(strategy=engine.FEATURE_EXTRACTION))
+    version = publish(repository, "compact", result, base)
+    weights = repository.version_dir("compact", version) / "weights.pt"
+    trained = result.model.state_dict()
+    fp32_bytes = sum(t.numel() * t.element_size() for t in trained.values())
+    assert weights.stat().st_size < 0.6 * fp32_bytes  # the backbone in half the bytes
+    stored = torch.load(weights, weights_only=True)
+    assert any(t.dtype == torch.float32 for t in stored.values())  # the trained head stays float32
+    loaded = Runner(repository.version_dir("compact", version)).model.state_dict()
+    assert loaded.keys() == trained.keys()
+    assert all(torch.equal(loaded[k], trained[k]) and loaded[k].dtype == trained[k].dtype for k in trained)
