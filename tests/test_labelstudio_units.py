@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import base64
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Any
 
 import aiohttp
 import pytest
@@ -93,23 +96,14 @@ async def test_the_token_goes_only_to_label_studio(aiohttp_free_port):
         seen.append(request.headers.get("Authorization", ""))
         return web.Response(body=b"x" * 10)
 
-    app = web.Application()
-    app.router.add_get("/data/upload/1/a.png", image)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", aiohttp_free_port).start()
-    try:
-        async with aiohttp.ClientSession() as session:
-            here = f"http://127.0.0.1:{aiohttp_free_port}"
-            assert await images.fetch(session, "/data/upload/1/a.png", here, "T", 100) == b"x" * 10
-            elsewhere = f"http://localhost:{aiohttp_free_port}/data/upload/1/a.png"  # another host name
-            assert await images.fetch(session, elsewhere, here, "T", 100) == b"x" * 10
-            with pytest.raises(images.FetchError, match="over 5 bytes"):
-                await images.fetch(session, "/data/upload/1/a.png", here, "T", 5)
-            with pytest.raises(images.FetchError, match="HTTP 404"):
-                await images.fetch(session, "/data/upload/1/missing.png", here, "T", 100)
-    finally:
-        await runner.cleanup()
+    async with serving({"/data/upload/1/a.png": image}, aiohttp_free_port) as (session, here):
+        assert await images.fetch(session, "/data/upload/1/a.png", here, "T", 100) == b"x" * 10
+        elsewhere = f"http://localhost:{aiohttp_free_port}/data/upload/1/a.png"  # another host name
+        assert await images.fetch(session, elsewhere, here, "T", 100) == b"x" * 10
+        with pytest.raises(images.FetchError, match="over 5 bytes"):
+            await images.fetch(session, "/data/upload/1/a.png", here, "T", 5)
+        with pytest.raises(images.FetchError, match="HTTP 404"):
+            await images.fetch(session, "/data/upload/1/missing.png", here, "T", 100)
     assert seen == ["Token T", "", "Token T"]
 
 
@@ -132,21 +126,28 @@ async def test_cloud_storage_images_are_resolved_by_label_studio_and_the_token_s
             return web.Response(status=403)
         return web.Response(body=f"{request.match_info['key']} {request.query['X-Amz-Signature']}".encode())
 
+    routes = {"/tasks/{task}/presign/": presign, "/bucket/{key}": bucket}
+    async with serving(routes, aiohttp_free_port) as (session, here):
+        assert await images.fetch(session, "s3://bucket/a.png", here, "T", 100, 7) == b"a.png abc"
+        assert seen == {"presign": "Token T", "bucket": ""}
+        with pytest.raises(images.FetchError, match=r"could not resolve s3://bucket/gone.png \(HTTP 404\)"):
+            await images.fetch(session, "s3://bucket/gone.png", here, "T", 100, 7)
+        with pytest.raises(images.FetchError, match="answered HTTP 403"):  # the bucket's refusal, not the token's
+            await images.fetch(session, "s3://bucket/expired.png", here, "T", 100, 7)
+
+
+@contextlib.asynccontextmanager
+async def serving(routes: dict[str, Any], port: int) -> AsyncIterator[tuple[aiohttp.ClientSession, str]]:
+    """An HTTP server on loopback ``port`` answering GET ``routes``, and a client session: (session, its URL)."""
     app = web.Application()
-    app.router.add_get("/tasks/{task}/presign/", presign)
-    app.router.add_get("/bucket/{key}", bucket)
+    for path, handler in routes.items():
+        app.router.add_get(path, handler)
     runner = web.AppRunner(app)
     await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", aiohttp_free_port).start()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
     try:
         async with aiohttp.ClientSession() as session:
-            here = f"http://127.0.0.1:{aiohttp_free_port}"
-            assert await images.fetch(session, "s3://bucket/a.png", here, "T", 100, 7) == b"a.png abc"
-            assert seen == {"presign": "Token T", "bucket": ""}
-            with pytest.raises(images.FetchError, match=r"could not resolve s3://bucket/gone.png \(HTTP 404\)"):
-                await images.fetch(session, "s3://bucket/gone.png", here, "T", 100, 7)
-            with pytest.raises(images.FetchError, match="answered HTTP 403"):  # the bucket's refusal, not the token's
-                await images.fetch(session, "s3://bucket/expired.png", here, "T", 100, 7)
+            yield session, f"http://127.0.0.1:{port}"
     finally:
         await runner.cleanup()
 
