@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import tempfile
 from pathlib import Path
 
 
+@functools.cache
 def umask() -> int:
-    """This process's umask, read without changing it (``os.umask`` sets it: a race with other threads)."""
+    """This process's umask, read once without changing it (``os.umask`` sets it: a race with other
+    threads), not at every file written."""
     with contextlib.suppress(OSError, ValueError, StopIteration):
         status = Path("/proc/self/status").read_text().splitlines()
         return int(next(line for line in status if line.startswith("Umask:")).split()[1], 8)

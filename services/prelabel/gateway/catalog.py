@@ -115,12 +115,12 @@ class ModelCatalog:
             number = wanted
             if number not in versions:
                 raise NotFound(f"model {name!r} has no version {number}; versions: {versions}")
-            if number not in ready and number not in self.repository.config.loaded(versions):
-                n = self.repository.config.loaded_versions
+            policy = self.repository.config
+            if number not in ready and number not in (loaded := policy.loaded(versions)):
                 raise FailedPrecondition(
-                    f"version {number} of {name!r} is not served: Triton keeps the newest {n} version(s) of each model "
-                    f"loaded ({', '.join(map(str, versions[-n:]))}); ask for one of them, or none for the newest, "
-                    "or raise PRELABEL_TRITON_LOADED_VERSIONS"
+                    f"version {number} of {name!r} is not served: Triton keeps the newest {policy.loaded_versions} "
+                    f"version(s) of each model loaded ({', '.join(map(str, loaded))}); ask for one of them, or none "
+                    "for the newest, or raise PRELABEL_TRITON_LOADED_VERSIONS"
                 )
             if number not in ready:
                 raise Unavailable(f"version {number} of {name!r} is not loaded in Triton yet; retry shortly")
