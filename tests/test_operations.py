@@ -125,7 +125,7 @@ def test_alert_rules_pass_promtool_and_their_unit_tests():
     assert tested.returncode == 0, tested.stdout + tested.stderr
     alerts = {r["alert"] for g in yaml.safe_load((folder / "alerts.yml").read_text())["groups"] for r in g["rules"]}
     assert {"PrelabelGatewayErrorRate", "PrelabelPredictLatencyP99", "PrelabelTritonDown", "PrelabelQueueBacklogOld",
-            "PrelabelJobFailureRate", "PrelabelTrainerStuck"} <= alerts  # fmt: skip
+            "PrelabelJobFailureRate", "PrelabelTrainerStuck", "PrelabelDataVolumeFull"} <= alerts  # fmt: skip
     runbook = (ROOT / "docs" / "operations.md").read_text()
     assert all(f"### {name}" in runbook for name in alerts), "every alert needs its runbook section"
 

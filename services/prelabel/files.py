@@ -6,6 +6,7 @@ import contextlib
 import functools
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 
@@ -26,6 +27,18 @@ def share(path: Path) -> None:
     os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask())
 
 
+@contextlib.contextmanager
+def naming(path: Path) -> Iterator[None]:
+    """An ``OSError`` raised inside names ``path``: a write on a full disk says only "No space left on
+    device", and the operator's log line should say where."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.filename is None and exc.errno is not None:  # one from the system, not a bare message
+            exc.filename = str(path)
+        raise
+
+
 def write_atomically(path: Path, content: bytes) -> None:
     """Write ``content`` to a unique temporary file beside ``path``, fsync it, then rename it into place.
 
@@ -36,7 +49,7 @@ def write_atomically(path: Path, content: bytes) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         share(Path(tmp))
-        with os.fdopen(fd, "wb") as f:
+        with naming(path), os.fdopen(fd, "wb") as f:
             f.write(content)
             f.flush()
             os.fsync(f.fileno())

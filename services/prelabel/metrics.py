@@ -6,6 +6,7 @@ cardinality: gRPC method and code, model name, a fixed set of error reasons.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -131,6 +132,32 @@ class QueueCollector(Collector):
         age.add_metric([], stats.oldest_queued_age_s)
         expired.add_metric([], stats.expired_leases)
         yield from (jobs, age, expired)
+
+
+class VolumeCollector(Collector):
+    """Free and total space where Prelabel writes (datasets, checkpoints, the SQLite queue, model versions),
+    read at scrape time: uploads and fine-tunes fail RESOURCE_EXHAUSTED once it is full, and every
+    fine-tune adds a version. One series per filesystem, labelled with the first of ``folders`` on it."""
+
+    def __init__(self, *folders: Path) -> None:
+        self.folders = folders
+
+    def collect(self) -> Iterator[Metric]:
+        free = GaugeMetricFamily(
+            "prelabel_data_volume_free_bytes", "Bytes that Prelabel can still write on the volume.", labels=["path"]
+        )
+        size = GaugeMetricFamily("prelabel_data_volume_size_bytes", "Size of the volume in bytes.", labels=["path"])
+        seen: set[int] = set()
+        for folder in self.folders:
+            try:  # a folder not made yet (nothing uploaded) is not an error
+                device, stats = folder.stat().st_dev, os.statvfs(folder)
+            except OSError:
+                continue
+            if device not in seen:
+                seen.add(device)
+                free.add_metric([str(folder)], stats.f_bavail * stats.f_frsize)  # what a non-root user may use
+                size.add_metric([str(folder)], stats.f_blocks * stats.f_frsize)
+        yield from (free, size)
 
 
 _collectors: dict[str, Collector] = {}

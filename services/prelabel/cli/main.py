@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import argparse
 import os
+import sqlite3
 import sys
 from pathlib import Path
 
 import grpc
 
-from prelabel.errors import PrelabelError
+from prelabel.errors import PrelabelError, volume_full
 from prelabel.settings import Settings
 from prelabel.spec import AUTO, DEFAULT_TARGET_PRECISION, SCRATCH_TRIAL, STRATEGIES, short_name
 
@@ -218,6 +219,7 @@ def parser() -> argparse.ArgumentParser:
 # What a command whose output stopped being read returns: a reader such as `head` closed the pipe, and
 # tools killed by SIGPIPE exit 128 + 13 in the shell.
 STOPPED_READING = 141
+WRITE_DATA_DIR = ("serve", "gateway", "triton", "trainer", "init", "train")  # the commands that write there
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -289,6 +291,12 @@ def _main(argv: list[str] | None = None) -> int:
     except PrelabelError as exc:
         print(f"prelabel: {exc.message}", file=sys.stderr)
         return 2
+    except (OSError, sqlite3.Error) as exc:  # where the data directory is written: a full volume, said plainly
+        full = volume_full(exc) if args.command in WRITE_DATA_DIR else None
+        if full is None:
+            raise
+        print(f"prelabel: {full.message} [{exc}]", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

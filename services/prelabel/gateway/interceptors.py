@@ -21,7 +21,7 @@ import grpc
 from grpc import aio
 
 from prelabel import metrics
-from prelabel.errors import InvalidArgument, PrelabelError
+from prelabel.errors import InvalidArgument, PrelabelError, volume_full
 
 log = logging.getLogger("prelabel.gateway")
 
@@ -42,6 +42,10 @@ class _Call:
         if isinstance(exc, GeneratorExit):  # the client went away while we were streaming to it
             self.code = grpc.StatusCode.CANCELLED
             raise exc
+        full = volume_full(exc)
+        if full is not None:  # for an operator to fix: said once in the log, without a traceback
+            log.error("%s failed: %s [%s]", self.method, full.message, exc)
+            exc = full
         if isinstance(exc, PrelabelError):
             self.code = exc.code
             await context.abort(exc.code, exc.message)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from grpc import aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from prometheus_client.registry import Collector
 
 from prelabel import metrics
 from prelabel.datasets.store import dataset_store
@@ -27,6 +28,7 @@ from prelabel.gateway.predict import Predictor
 from prelabel.gateway.security import BearerTokens, Tokens, server_credentials
 from prelabel.gateway.servicers import DatasetServicer, JobServicer, ModelServicer, PredictionServicer
 from prelabel.queue import open_queue
+from prelabel.queue.contract import JobQueue
 from prelabel.settings import Settings
 from prelabel.triton.client import TritonClient
 from prelabel.triton.repository import repository_for
@@ -77,6 +79,16 @@ async def _watch_triton(catalog: ModelCatalog, health_servicer: health.aio.Healt
         await asyncio.sleep(period_s)
 
 
+def shared_state(settings: Settings, queue: JobQueue, catalog: ModelCatalog) -> dict[str, Collector]:
+    """What every gateway reports besides its own calls, read at scrape time: the shared queue, the
+    models, and the space left where datasets, checkpoints and versions are written."""
+    return {
+        "queue": metrics.QueueCollector(queue),
+        "models": ModelCollector(catalog),
+        "volume": metrics.VolumeCollector(settings.data_dir, settings.repository),
+    }
+
+
 def cannot_listen(host: str, port: int, why: str) -> Unavailable:
     """What to do when the gRPC port is taken (one gateway or several)."""
     return Unavailable(
@@ -105,8 +117,8 @@ async def start_gateway(settings: Settings, triton_url: str, refresh_period_s: f
     rpc.add_ModelServiceServicer_to_server(ModelServicer(catalog), server)
     store = dataset_store(settings)
     queue = open_queue(settings.queue)
-    metrics.watch("queue", metrics.QueueCollector(queue))
-    metrics.watch("models", ModelCollector(catalog))
+    for name, collector in shared_state(settings, queue, catalog).items():
+        metrics.watch(name, collector)
     rpc.add_DatasetServiceServicer_to_server(DatasetServicer(Datasets(store)), server)
     rpc.add_JobServiceServicer_to_server(JobServicer(Jobs(settings, queue, store, catalog.repository)), server)
     health_servicer = health.aio.HealthServicer()

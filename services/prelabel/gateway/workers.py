@@ -27,8 +27,8 @@ from prometheus_client import CollectorRegistry, multiprocess
 
 from prelabel import metrics
 from prelabel.errors import Unavailable
-from prelabel.gateway.catalog import ModelCatalog, ModelCollector
-from prelabel.gateway.server import cannot_listen
+from prelabel.gateway.catalog import ModelCatalog
+from prelabel.gateway.server import cannot_listen, shared_state
 from prelabel.processes import ProcessPool
 from prelabel.queue import open_queue
 from prelabel.settings import Settings
@@ -79,8 +79,8 @@ class GatewayWorkers:
         # What gateways measure: the parent counts Triton's restarts itself (and gateways train nothing).
         others = metrics.names_of(metrics.TRITON_RESTARTS, *metrics.TRAINER_METRICS, *metrics.LABELSTUDIO_METRICS)
         registry.register(metrics.multiprocess_families(self.run_dir, others, inside=False))
-        registry.register(metrics.QueueCollector(open_queue(settings.queue)))
-        registry.register(ModelCollector(self.catalog))
+        for collector in shared_state(settings, open_queue(settings.queue), self.catalog).values():
+            registry.register(collector)
         registry.register(metrics.TRITON_RESTARTS)
         return registry
 

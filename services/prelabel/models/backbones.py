@@ -7,6 +7,7 @@ transfer learning replaces or retrains the head, so the split is defined once, h
 
 from __future__ import annotations
 
+import io
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -213,6 +214,14 @@ def imagenet(arch_name: str) -> tuple[Classifier, list[str], Preprocess]:
             f"{arch.weights.url} to {cache}, or pass a local weights file instead."
         ) from exc
     return _split(model, arch.family), list(arch.weights.meta["categories"]), arch.imagenet_preprocess()
+
+
+def save_state(state: dict[str, torch.Tensor], path: Path) -> None:
+    """Save weights for :func:`load_state`. Serialised in memory first: ``torch.save`` into a file on a
+    full disk fails as a RuntimeError ("unexpected pos") that does not say the disk is full."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    path.write_bytes(buffer.getvalue())
 
 
 def load_state(model: Classifier, path: Path) -> None:

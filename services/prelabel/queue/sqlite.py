@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TypeVar
 
-from prelabel.errors import InvalidArgument, NotFound, Unavailable
+from prelabel.errors import InvalidArgument, NotFound, Unavailable, volume_full
 from prelabel.queue.contract import QUEUED, RUNNING, STATES, Job, JobQueue, QueueStats, take
 from prelabel.spec import JobSpec
 
@@ -61,7 +61,9 @@ class SQLiteQueue(JobQueue):
             finally:
                 db.close()
         except sqlite3.OperationalError as exc:  # locked beyond the timeout, disk full, unreadable file
-            raise Unavailable(f"the job queue {self.path} cannot be used ({exc}); check the disk and retry") from exc
+            raise volume_full(exc, self.path.parent) or Unavailable(
+                f"the job queue {self.path} cannot be used ({exc}); check the disk and retry"
+            ) from exc
 
     @staticmethod
     def _save(db: sqlite3.Connection, job: Job) -> None:

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from prelabel.errors import PrelabelError
+from prelabel.models.backbones import save_state
 from prelabel.models.card import VersionCard
 from prelabel.settings import Settings
 from prelabel.training.engine import Base, TrainResult
@@ -47,7 +48,7 @@ def publish(repository: ModelRepository, name: str, result: TrainResult, base: B
     )
 
     def write(folder: Path) -> None:
-        torch.save(compact(result.model.state_dict()), folder / "weights.pt")
+        save_state(compact(result.model.state_dict()), folder / "weights.pt")
         if result.reference is not None:
             np.savez_compressed(folder / "reference.npz", **result.reference)
 

@@ -25,7 +25,15 @@ from typing import Any, TypeVar
 
 from prelabel import metrics
 from prelabel.datasets.store import dataset_store
-from prelabel.errors import FailedPrecondition, InvalidArgument, NotFound, PrelabelError, Unavailable
+from prelabel.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    PrelabelError,
+    ResourceExhausted,
+    Unavailable,
+    volume_full,
+)
 from prelabel.queue import open_queue
 from prelabel.queue.contract import CANCELLED, FAILED, JOB_ID, QUEUED, SUCCEEDED, Job, JobQueue, check_job_id
 from prelabel.reachability import Reachability
@@ -40,6 +48,8 @@ T = TypeVar("T")
 
 # Errors that another attempt would meet again: the job fails at once instead of being retried.
 PERMANENT = (InvalidArgument, NotFound, FailedPrecondition)
+# The queue cannot be read or written now (down, or its disk full): wait and try again, never lose a job.
+QUEUE_WAITS = (Unavailable, ResourceExhausted)
 
 
 class Heartbeat(threading.Thread):
@@ -69,7 +79,7 @@ class Heartbeat(threading.Thread):
             try:
                 self.go_on = self.queue.heartbeat(self.job.id, self.worker, self.lease_s, self.progress, self.message)
                 queue.back(f"job queue reachable again; job {self.job.id} heartbeats resumed")
-            except Unavailable as exc:
+            except QUEUE_WAITS as exc:
                 queue.down(f"heartbeat for job {self.job.id} failed: {exc.message}; retrying")
             self._done.wait(self.MIN_GAP_S)
 
@@ -97,7 +107,7 @@ class Trainer:
             try:
                 job = self.queue.claim(self.name, self.settings.job_lease_s)
                 queue.back(f"job queue reachable again at {_redacted(self.settings.queue)}")
-            except Unavailable as exc:
+            except QUEUE_WAITS as exc:
                 queue.down(f"{exc.message}; retrying every {self.settings.trainer_poll_s:.0f}s")
                 job = None
             if job is None:
@@ -126,8 +136,12 @@ class Trainer:
         except PERMANENT as exc:
             self._end(job, FAILED, exc.message)
             return
-        except Exception as exc:  # a bug or a lost resource: retried on another attempt
-            log.exception("job %s: attempt %d failed", job.id, job.attempts)
+        except Exception as exc:  # a bug or a lost resource: retried on another attempt (space may be freed)
+            if full := volume_full(exc):
+                log.error("job %s: attempt %d failed: %s [%s]", job.id, job.attempts, full.message, exc)
+                exc = full
+            else:
+                log.exception("job %s: attempt %d failed", job.id, job.attempts)
             text = exc.message if isinstance(exc, PrelabelError) else f"{type(exc).__name__}: {exc}"
             self._end(job, QUEUED, f"attempt {job.attempts} failed: {text}")
             return
@@ -228,7 +242,7 @@ class Trainer:
         while True:
             try:
                 return call()
-            except Unavailable as exc:
+            except QUEUE_WAITS as exc:
                 if time.monotonic() > deadline:
                     raise
                 log.warning("%s; retrying in %.0fs", exc.message, delay)

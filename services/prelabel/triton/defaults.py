@@ -11,8 +11,6 @@ import logging
 import shutil
 from pathlib import Path
 
-import torch
-
 from prelabel.errors import InvalidArgument
 from prelabel.models import backbones, base
 from prelabel.models.card import VersionCard
@@ -51,7 +49,7 @@ def ensure_default_model(repository: ModelRepository, name: str, spec: str) -> N
     else:
         model, labels, preprocess = _from_file(arch, Path(weights).expanduser())
     card = VersionCard(arch=arch, labels=labels, preprocess=preprocess, base_model=spec)
-    version = repository.add_version(name, card, lambda d: torch.save(model.state_dict(), d / "weights.pt"))
+    version = repository.add_version(name, card, lambda d: backbones.save_state(model.state_dict(), d / "weights.pt"))
     log.info("installed default model %r version %d from %s", name, version, spec)
 
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from prelabel.errors import NotFound
-from prelabel.files import share, write_atomically
+from prelabel.files import naming, share, write_atomically
 from prelabel.models.card import VersionCard
 from prelabel.names import validate_name
 from prelabel.settings import Settings
@@ -132,9 +132,10 @@ class ModelRepository:
         staging = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=staging_root))
         try:
             share(staging)  # Triton may run as another user than the one publishing
-            (staging / "model.py").write_text(MODEL_PY)
-            write_files(staging)
-            (staging / "card.json").write_text(card.to_json())
+            with naming(staging):
+                (staging / "model.py").write_text(MODEL_PY)
+                write_files(staging)
+                (staging / "card.json").write_text(card.to_json())
             while True:
                 taken = self._numbered(model_dir)
                 if strays := sorted(taken - set(self.versions(name))):
