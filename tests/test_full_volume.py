@@ -1,4 +1,5 @@
-"""A full data volume, for real: a small tmpfs filled to the last page (tests run as root, as CI does).
+"""A full data volume, for real: a small tmpfs filled to the last page (tests run as root, as CI does);
+and a Redis queue at its maxmemory.
 
 A full disk is the most common way a long-running service's writes fail. It must read as what it is
 (RESOURCE_EXHAUSTED "the data volume is full", the file named in the log), never as INTERNAL or as
@@ -11,6 +12,8 @@ import errno
 import os
 import sqlite3
 import subprocess
+import threading
+import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,6 +25,7 @@ from prelabel.datasets import shapes
 from prelabel.datasets.store import dataset_store
 from prelabel.errors import ResourceExhausted, volume_full
 from prelabel.queue.contract import QUEUED, SUCCEEDED
+from prelabel.queue.redis import RedisQueue
 from prelabel.queue.sqlite import SQLiteQueue
 from prelabel.settings import Settings
 from prelabel.spec import JobSpec
@@ -32,7 +36,7 @@ from prelabel.triton.repository import repository_for
 from prelabel.v1 import prelabel_pb2 as pb
 from prelabel.v1 import prelabel_pb2_grpc as rpc
 from tests.conftest import encode
-from tests.stack import PRELABEL, Stack, environment
+from tests.stack import PRELABEL, RedisServer, Stack, environment
 
 FULL = "the data volume is full"
 
@@ -177,3 +181,33 @@ def test_init_on_a_volume_too_small_for_the_base_model_says_so(volume):
                           text=True, timeout=300)  # fmt: skip
     assert init.returncode == 1, init.stderr
     assert f"prelabel: {FULL}" in init.stderr and "weights.pt" in init.stderr and "Traceback" not in init.stderr
+
+
+def test_redis_at_its_maxmemory_refuses_jobs_as_full_and_trainers_wait(tmp_path):
+    """Managed Redis (and deploy/'s) has a maxmemory: at it, writes fail OutOfMemoryError. A client gets
+    RESOURCE_EXHAUSTED (was INTERNAL), the refused write applies nothing, and a trainer waits instead of
+    dying (it crashed on the error: a restart loop)."""
+    server = RedisServer(tmp_path).start()
+    trainer = None
+    try:
+        queue = RedisQueue(server.url)
+        kept = queue.submit(JobSpec(dataset="d", base_model="prelabel-base", output_model="m"), request_id="kept")
+        queue.redis.config_set("maxmemory", 1)
+        with pytest.raises(ResourceExhausted, match="Redis is at its maxmemory"):
+            queue.submit(JobSpec(dataset="d", base_model="prelabel-base", output_model="m"), request_id="refused")
+        assert [job.id for job in queue.list()[0]] == [kept.id]
+        trainer = Trainer(Settings(data_dir=tmp_path / "data", queue_url=server.url, trainer_poll_s=0.1))
+        running = threading.Thread(target=trainer.run)
+        running.start()
+        time.sleep(1.0)
+        assert running.is_alive() and queue.get(kept.id).state == QUEUED  # waited: claiming is a write
+        queue.redis.config_set("maxmemory", 0)
+        deadline = time.monotonic() + 30
+        while queue.get(kept.id).state == QUEUED and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert queue.get(kept.id).state != QUEUED  # claimed once Redis takes writes again
+    finally:
+        if trainer is not None:
+            trainer.stopping.set()
+            running.join(60)
+        server.stop()

@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 
 import redis
 
-from prelabel.errors import InvalidArgument, NotFound, Unavailable
+from prelabel.errors import InvalidArgument, NotFound, ResourceExhausted, Unavailable
 from prelabel.queue.contract import QUEUED, RUNNING, STATES, Job, JobQueue, QueueStats, take
 from prelabel.spec import JobSpec
 
@@ -36,6 +36,11 @@ class RedisQueue(JobQueue):
             return fn()
         except redis.ConnectionError as exc:
             raise Unavailable(f"the job queue at {self.url} is unreachable ({exc}); check Redis and retry") from exc
+        except redis.exceptions.OutOfMemoryError as exc:  # at maxmemory (noeviction): a refused MULTI applies nothing
+            raise ResourceExhausted(
+                f"the job queue at {self.url} refuses writes: Redis is at its maxmemory ({exc}); raise Redis's "
+                "maxmemory (and its memory limit), then retry"
+            ) from exc
 
     def _write(self, pipe: Any, job: Job, old_state: str | None) -> None:
         pipe.multi()
