@@ -199,3 +199,16 @@ def test_health_check_reports_not_serving_before_triton_is_reachable(tmp_path):
     finally:
         exit_code = gateway.stop()
     assert exit_code == 0  # after the block: a failure in it is reported first
+
+
+def test_a_second_serve_on_the_same_data_directory_refuses_and_leaves_the_first_alone(stack):
+    """A `prelabel serve` left running in another terminal: the second one started its own Triton on the
+    same workspace (replacing the running one's backends) and, stopping, removed the address file through
+    which the first one's trainers load new versions. Now it refuses before touching anything."""
+    url_file = stack.data_dir / "triton" / "url"
+    before = url_file.read_text()
+    second = Process(["serve", "--grpc-port", "0", "--metrics-port", "0"], environment(stack.data_dir)).start()
+    assert second.popen.wait(120) == 1, second.log()
+    assert "another embedded Triton" in second.log() and f"pid {stack.process.popen.pid})" in second.log()
+    assert url_file.read_text() == before
+    assert health_status(stack.address) == health_pb2.HealthCheckResponse.SERVING

@@ -59,11 +59,16 @@ def supervisor_for(settings: Settings) -> TritonSupervisor:
 
 async def _start_triton(settings: Settings) -> TritonSupervisor:
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    repository = repository_for(settings)
-    ensure_default_model(repository, settings.default_model, settings.base_weights)
-    repository.write_configs()  # a repository written by an older release gets this release's outputs
     supervisor = supervisor_for(settings)
-    await supervisor.start()
+    supervisor.lock()  # before the repository is touched: one embedded Triton per data directory
+    try:
+        repository = repository_for(settings)
+        ensure_default_model(repository, settings.default_model, settings.base_weights)
+        repository.write_configs()  # a repository written by an older release gets this release's outputs
+        await supervisor.start()
+    except BaseException:
+        await supervisor.stop()
+        raise
     return supervisor
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import importlib.util
 import logging
 import os
@@ -28,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from prelabel import metrics
-from prelabel.errors import Unavailable
+from prelabel.errors import FailedPrecondition, Unavailable
 from prelabel.processes import Backoff, die_with_parent, kill_group, wait_exit
 from prelabel.triton.client import TritonClient
 
@@ -114,6 +115,7 @@ class TritonSupervisor:
         self._watcher: asyncio.Task[None] | None = None
         self._log_pump: asyncio.Task[None] | None = None
         self._recent_errors: deque[str] = deque(maxlen=20)
+        self._lock: int | None = None
 
     @property
     def url(self) -> str:
@@ -123,8 +125,36 @@ class TritonSupervisor:
     def metrics_url(self) -> str:
         return f"http://{self.url.split(':')[0]}:{self.ports.metrics}/metrics"
 
+    def lock(self) -> None:
+        """Own the workspace, until :meth:`stop`. A second embedded Triton on one data directory (a
+        ``prelabel serve`` left running in another terminal) replaced the running one's backends while
+        it used them, and removed the address file its trainers load new versions through."""
+        if self._lock is not None:
+            return
+        self.workspace.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.workspace / "lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise FailedPrecondition(
+                f"another embedded Triton (a `prelabel serve` or `prelabel triton`, pid {holder}) already runs on "
+                f"the data directory {self.workspace.parent}; stop it first, or give this one a data directory of "
+                "its own (--data-dir)"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._lock = fd
+
+    def unlock(self) -> None:
+        if self._lock is not None:
+            os.close(self._lock)  # the lock goes with the file descriptor
+            self._lock = None
+
     async def start(self) -> None:
         """Start the server and wait until it is ready, or raise Unavailable with its last errors."""
+        self.lock()
         self._prepare_backends()
         await self._spawn()
         await self._wait_ready()
@@ -140,14 +170,14 @@ class TritonSupervisor:
                 await self._watcher
         self.url_file.unlink(missing_ok=True)
         process = self.process
-        if process is None:
-            return
-        if process.returncode is None:
-            process.send_signal(signal.SIGTERM)
-            if await wait_exit(process, grace_s) is None:
-                log.warning("Triton did not stop within %.0fs of SIGTERM; killing it", grace_s)
-        await self._clean_up(process)
-        log.info("Triton stopped")
+        if process is not None:
+            if process.returncode is None:
+                process.send_signal(signal.SIGTERM)
+                if await wait_exit(process, grace_s) is None:
+                    log.warning("Triton did not stop within %.0fs of SIGTERM; killing it", grace_s)
+            await self._clean_up(process)
+            log.info("Triton stopped")
+        self.unlock()
 
     def command(self) -> list[str]:
         cuda = shutil.which("nvidia-smi") is not None
