@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import shutil
+import socket
+import ssl
 import subprocess
 import time
 from collections.abc import Iterator
@@ -164,3 +166,50 @@ def test_tls_settings_that_cannot_work_stop_the_gateway_with_a_message(stack, tm
     env = environment(tmp_path, auth_tokens_file=tmp_path / "missing", grpc_port=0, metrics_port=-1)
     missing = Process(["gateway", "--triton-url", stack.triton_url], env).start()
     assert missing.popen.wait(60) == 1 and "PRELABEL_AUTH_TOKENS_FILE" in missing.log()
+
+
+def served_certificate(address: str, pki: Path) -> bytes:
+    """The certificate a TLS gateway presents to a new connection (DER)."""
+    context = ssl.create_default_context(cafile=str(pki / "ca.pem"))
+    context.set_alpn_protocols(["h2"])  # gRPC refuses handshakes without it
+    host, port = address.rsplit(":", 1)
+    with (
+        socket.create_connection((host, int(port)), timeout=10) as raw,
+        context.wrap_socket(raw, server_hostname="localhost") as tls,
+    ):
+        der = tls.getpeercert(binary_form=True)
+    assert der
+    return der
+
+
+def swap_in(source: Path, target: Path) -> None:
+    """Replace ``target`` in one rename, as the kubelet swaps a Secret's files."""
+    shutil.copy(source, target.with_suffix(".new"))
+    target.with_suffix(".new").replace(target)
+
+
+def test_a_renewed_certificate_is_served_without_a_restart(stack, pki, tmp_path):
+    """cert-manager renews a certificate by rewriting its Secret's files; the gateway read them once and
+    served the old certificate until it expired. Now each new connection gets the files' current pair;
+    a pair that does not match (a half-done rotation) is logged and the previous one kept."""
+    issue(pki, "renewed", "subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth\n")
+    cert, key = tmp_path / "tls.crt", tmp_path / "tls.key"
+    shutil.copy(pki / "server.pem", cert)
+    shutil.copy(pki / "server.key", key)
+    gateway = Stack.serve(stack.data_dir, "gateway", ["--triton-url", stack.triton_url], tls_cert_file=cert,
+                          tls_key_file=key, metrics_port=-1)  # fmt: skip
+    try:
+        first = ssl.PEM_cert_to_DER_cert((pki / "server.pem").read_text())
+        assert served_certificate(gateway.address, pki) == first
+        swap_in(pki / "renewed.pem", cert)  # the certificate without its key yet: not a pair
+        assert served_certificate(gateway.address, pki) == first
+        swap_in(pki / "renewed.key", key)
+        assert served_certificate(gateway.address, pki) == ssl.PEM_cert_to_DER_cert((pki / "renewed.pem").read_text())
+        credentials = grpc.ssl_channel_credentials(root_certificates=(pki / "ca.pem").read_bytes())
+        with grpc.secure_channel(gateway.address, credentials) as channel:
+            health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
+    finally:
+        gateway.stop()
+    log = gateway.process.log()
+    assert "TLS files changed but cannot be used (the key does not match the certificate" in log
+    assert f"TLS files changed: serving the new certificate from {cert}" in log

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hmac
 import logging
 import os
+import ssl
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -31,16 +32,68 @@ OPEN_PREFIXES = ("/grpc.health.v1.Health/",)
 
 
 def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
-    """TLS credentials from the settings' files, or None for plaintext."""
+    """TLS credentials from the settings' files (re-read when they change), or None for plaintext."""
     if settings.tls_cert_file is None and settings.tls_key_file is None:
         if settings.tls_client_ca_file is not None:
             raise InvalidArgument("PRELABEL_TLS_CLIENT_CA_FILE needs PRELABEL_TLS_CERT_FILE and PRELABEL_TLS_KEY_FILE")
         return None
     if settings.tls_cert_file is None or settings.tls_key_file is None:
         raise InvalidArgument("set both PRELABEL_TLS_CERT_FILE and PRELABEL_TLS_KEY_FILE to serve TLS")
-    cert, key = _read(settings.tls_cert_file, "TLS_CERT_FILE"), _read(settings.tls_key_file, "TLS_KEY_FILE")
-    ca = _read(settings.tls_client_ca_file, "TLS_CLIENT_CA_FILE") if settings.tls_client_ca_file else None
-    return grpc.ssl_server_credentials([(key, cert)], root_certificates=ca, require_client_auth=ca is not None)
+    files = Certificates(settings.tls_cert_file, settings.tls_key_file, settings.tls_client_ca_file)
+    return grpc.dynamic_ssl_server_credentials(
+        files.initial, files.fetch, require_client_authentication=settings.tls_client_ca_file is not None
+    )
+
+
+class Certificates:
+    """The gateway's certificate, key and client CA files, re-read when they change.
+
+    cert-manager renews a certificate (by default a third of its life before it expires) by rewriting
+    its Secret, which the kubelet swaps into the mounted files: a gateway that read them once served
+    the old certificate until it expired. gRPC calls :meth:`fetch` before each new connection's
+    handshake (``grpc.dynamic_ssl_server_credentials``); files that do not make a usable pair (a
+    half-written rotation) are logged and the previous certificate is kept.
+    """
+
+    def __init__(self, cert: Path, key: Path, ca: Path | None) -> None:
+        self.cert, self.key, self.ca = cert, key, ca
+        self._lock = threading.Lock()
+        try:
+            self.initial = self._load()
+            self._stamp = self._stamps()
+        except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+            raise InvalidArgument(f"the TLS files cannot be used: {_why(exc)}; fix them and start again") from None
+
+    def fetch(self) -> grpc.ServerCertificateConfiguration | None:
+        with self._lock:  # handshakes may ask from several threads at once
+            try:
+                stamp = self._stamps()
+                if stamp == self._stamp:
+                    return None
+                self._stamp = stamp  # tried once per change: a bad rotation is logged once, not per connection
+                config = self._load()
+            except (OSError, ValueError, PrelabelError) as exc:
+                log.error("TLS files changed but cannot be used (%s); serving the previous certificate", _why(exc))
+                return None
+        log.info("TLS files changed: serving the new certificate from %s", self.cert)
+        return config
+
+    def _stamps(self) -> tuple[tuple[int, int], ...]:
+        return tuple((s.st_mtime_ns, s.st_size) for s in (p.stat() for p in (self.cert, self.key, self.ca) if p))
+
+    def _load(self) -> grpc.ServerCertificateConfiguration:
+        cert, key = _read(self.cert, "TLS_CERT_FILE"), _read(self.key, "TLS_KEY_FILE")
+        roots = _read(self.ca, "TLS_CLIENT_CA_FILE") if self.ca else None
+        if roots is not None and b"-----BEGIN CERTIFICATE-----" not in roots:
+            raise ValueError(f"PRELABEL_TLS_CLIENT_CA_FILE={self.ca} holds no PEM certificate")
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(self.cert, self.key)  # a matching pair
+        return grpc.ssl_server_certificate_configuration([(key, cert)], root_certificates=roots)
+
+
+def _why(exc: BaseException) -> str:
+    if isinstance(exc, ssl.SSLError):
+        return f"the key does not match the certificate, or one of them is not PEM ({exc.reason or exc})"
+    return exc.message if isinstance(exc, PrelabelError) else str(exc)
 
 
 def _read(path: Path, setting: str) -> bytes:
