@@ -281,3 +281,17 @@ def test_another_user_can_read_all_that_triton_loads(tmp_path_factory):
         assert read.returncode == 0, read.stderr.decode()
     finally:
         shutil.rmtree(shared, ignore_errors=True)
+
+
+def test_a_data_directory_the_user_cannot_write_is_said_plainly(tmp_path):
+    """A pod whose runAsUser/fsGroup do not match the volume: `prelabel init` (the init container) ended in
+    a PermissionError traceback. It says what it could not write, as whom, and what to change."""
+    tmp_path.chmod(0o755)  # readable by nobody, writable only by its owner (root)
+    setpriv = shutil.which("setpriv")
+    assert setpriv, "setpriv (util-linux) is missing"
+    init = subprocess.run([setpriv, f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", PRELABEL, "init"],
+                          env=environment(tmp_path / "data"), capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert init.returncode == 1, init.stderr
+    assert re.search(rf"^prelabel: cannot write {tmp_path / 'data'}\S* \(Permission denied\) as uid {NOBODY}: ",
+                     init.stderr), init.stderr  # fmt: skip
+    assert "Traceback" not in init.stderr

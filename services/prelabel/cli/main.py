@@ -6,6 +6,7 @@ Flags override the ``PRELABEL_*`` environment variables of :class:`prelabel.sett
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sqlite3
 import sys
@@ -291,12 +292,21 @@ def _main(argv: list[str] | None = None) -> int:
     except PrelabelError as exc:
         print(f"prelabel: {exc.message}", file=sys.stderr)
         return 2
-    except (OSError, sqlite3.Error) as exc:  # where the data directory is written: a full volume, said plainly
-        full = volume_full(exc) if args.command in WRITE_DATA_DIR else None
-        if full is None:
+    except (
+        OSError,
+        sqlite3.Error,
+    ) as exc:  # where the data directory is written: a full or closed volume, said plainly
+        if args.command not in WRITE_DATA_DIR:
             raise
-        print(f"prelabel: {full.message} [{exc}]", file=sys.stderr)
-        return 1
+        if full := volume_full(exc):
+            print(f"prelabel: {full.message} [{exc}]", file=sys.stderr)
+            return 1
+        if isinstance(exc, OSError) and (isinstance(exc, PermissionError) or exc.errno == errno.EROFS):
+            print(f"prelabel: cannot write {exc.filename} ({exc.strerror}) as uid {os.getuid()}: give this user write "
+                  "access to the data directory (Kubernetes: the pod's runAsUser and fsGroup), or run as its owner",
+                  file=sys.stderr)  # fmt: skip
+            return 1
+        raise
 
 
 if __name__ == "__main__":
