@@ -212,3 +212,23 @@ def test_a_second_serve_on_the_same_data_directory_refuses_and_leaves_the_first_
     assert "another embedded Triton" in second.log() and f"pid {stack.process.popen.pid})" in second.log()
     assert url_file.read_text() == before
     assert health_status(stack.address) == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_triton_and_the_trainers_beside_it_wait_passively_and_a_users_choice_wins(stack, monkeypatch):
+    """Spinning OpenMP threads in Triton's stubs and a trainer on the same cores made Predict 10x slower
+    while a job trained (bench/predict_while_training.py): `serve` gives both OMP_WAIT_POLICY=PASSIVE."""
+    from prelabel.launcher import shares_cores
+    from prelabel.settings import Settings
+
+    serve = stack.process.popen.pid
+    (triton,) = children(serve, "tritonserver")
+    stubs, trainers = children(triton, "triton_python_b"), children(serve, "python3")  # comm: 15 characters
+    assert stubs and trainers
+    processes = [triton, *stubs, *trainers]
+    for pid in processes:
+        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        assert b"OMP_WAIT_POLICY=PASSIVE" in environ, pid
+    settings = Settings()
+    assert shares_cores(settings, "gateway") == {} and shares_cores(settings.replace(trainer_workers=0), "all") == {}
+    monkeypatch.setenv("GOMP_SPINCOUNT", "10000")
+    assert shares_cores(settings, "all") == {}

@@ -18,9 +18,10 @@ from prelabel.processes import ProcessPool
 from prelabel.settings import Settings
 
 
-def trainer_pool(settings: Settings, triton_url: str, metrics_dir: Path) -> ProcessPool:
+def trainer_pool(settings: Settings, triton_url: str, metrics_dir: Path, env_defaults: dict[str, str]) -> ProcessPool:
+    """``env_defaults``: variables the trainers get unless this process's environment sets them."""
     trainer = settings.replace(triton_url=triton_url, metrics_port=-1)
-    env = {**os.environ, **trainer.environment(), metrics.MULTIPROC_DIR: str(metrics_dir)}
+    env = {**env_defaults, **os.environ, **trainer.environment(), metrics.MULTIPROC_DIR: str(metrics_dir)}
 
     def forget(pid: int) -> None:  # a trainer that exited is no longer busy, nor stuck
         multiprocess.mark_process_dead(pid, str(metrics_dir))  # type: ignore[no-untyped-call]

@@ -99,6 +99,7 @@ class TritonSupervisor:
         startup_timeout_s: float = 180.0,
         paths: TritonPaths | None = None,
         hung_after_s: float = 30.0,
+        env_defaults: dict[str, str] | None = None,
     ) -> None:
         self.repository = repository
         self.workspace = workspace
@@ -108,6 +109,7 @@ class TritonSupervisor:
         self.ports = ports or Ports(free_port(host), free_port(host), free_port(host))
         self.startup_timeout_s = startup_timeout_s
         self.hung_after_s = hung_after_s
+        self.env_defaults = env_defaults or {}  # variables Triton gets unless our environment sets them
         self.paths = paths or TritonPaths.from_wheel()
         self.process: asyncio.subprocess.Process | None = None
         self.restarts = 0
@@ -210,7 +212,7 @@ class TritonSupervisor:
         The stub ignores PYTHONPATH but initialises the Python it finds on PATH, virtual environment
         and ``.pth`` files included: so it imports Prelabel, torch and friends exactly as installed here.
         """
-        env = dict(os.environ)
+        env = {**self.env_defaults, **os.environ}
         env["LD_LIBRARY_PATH"] = os.pathsep.join(filter(None, [str(self.paths.libs), env.get("LD_LIBRARY_PATH")]))
         env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
         env.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
