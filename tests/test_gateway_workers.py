@@ -166,6 +166,9 @@ TAKEN_PORT_CASES = {  # a command, the flag of the port it cannot have, what it 
                 "pass --metrics-port N (PRELABEL_METRICS_PORT), 0 for any free port"),
     "labelstudio": (["labelstudio", "--server", "127.0.0.1:9"], "--port",
                     "choose another port with --port or PRELABEL_LABELSTUDIO_PORT"),
+    "serve-grpc": (["serve", "--metrics-port", "0"], "--grpc-port", "choose another port with --grpc-port"),
+    "serve-metrics": (["serve", "--grpc-port", "0"], "--metrics-port",
+                      "pass --metrics-port N (PRELABEL_METRICS_PORT), 0 for any free port"),
 }  # fmt: skip
 
 
@@ -173,7 +176,7 @@ TAKEN_PORT_CASES = {  # a command, the flag of the port it cannot have, what it 
 def test_a_taken_port_exits_and_says_what_to_do(tmp_path, case):
     """A gateway and a trainer started by hand on one machine both default to metrics port 9400: the second
     one died with a bare 'Address already in use' traceback (the gateway with an event-loop warning too),
-    as did a second Label Studio backend."""
+    as did a second Label Studio backend; `serve` started Triton and loaded every model first."""
     command, flag, what_to_do = TAKEN_PORT_CASES[case]
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
@@ -184,6 +187,7 @@ def test_a_taken_port_exits_and_says_what_to_do(tmp_path, case):
     log = process.log()
     assert f"127.0.0.1:{port} (Address already in use)" in log and what_to_do in log, log
     assert "Traceback" not in log and "Event loop is closed" not in log and "never awaited" not in log, log
+    assert "starting Triton" not in log  # serve: said before it starts Triton and loads every model
 
 
 def test_settings_travel_to_child_processes_through_the_environment(tmp_path):

@@ -15,7 +15,9 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 from prelabel import metrics
@@ -55,6 +57,19 @@ def shares_cores(settings: Settings, parts: str) -> dict[str, str]:
         return {}
     log.info("Triton and the trainers share these cores: OpenMP threads wait passively (OMP_WAIT_POLICY=PASSIVE)")
     return SHARED_CORES
+
+
+def _check_port(host: str, port: int, taken: Callable[[str, int, str], Unavailable]) -> None:
+    """Fail at once when a fixed port is taken: `serve` would otherwise start Triton and load every model
+    first (seconds, and a rewrite of the repository's configs) only to stop it again."""
+    if port <= 0:
+        return
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the servers bind: TIME_WAIT is not taken
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise taken(host, port, str(exc.strerror or exc)) from None
 
 
 def supervisor_for(settings: Settings, env: dict[str, str] | None = None) -> TritonSupervisor:
@@ -145,6 +160,9 @@ async def serve(settings: Settings, parts: str = "all") -> None:
     trainer_metrics: Path | None = None
     if settings.gateway_workers < 1:
         raise InvalidArgument(f"gateway_workers must be at least 1, not {settings.gateway_workers}")
+    if parts == "all" and settings.embedded_triton:  # before Triton starts and loads every model
+        _check_port(settings.grpc_host, settings.grpc_port, cannot_listen)
+        _check_port(settings.metrics_address, settings.metrics_port, metrics.cannot_serve)
     env = shares_cores(settings, parts)
     try:
         if parts == "triton" or (parts == "all" and settings.embedded_triton):

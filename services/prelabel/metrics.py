@@ -255,9 +255,13 @@ def serve_metrics(port: int, host: str, registry: CollectorRegistry) -> int:
     try:
         server, _ = start_http_server(port, addr=host, registry=registry)
     except OSError as exc:  # the usual cause: a gateway and a trainer on one machine, both on the default
-        raise Unavailable(
-            f"cannot serve /metrics on {host}:{port} ({exc.strerror or exc}); every Prelabel process on one "
-            "machine needs a metrics port of its own: pass --metrics-port N (PRELABEL_METRICS_PORT), 0 for any "
-            "free port, or -1 for no /metrics"
-        ) from None
+        raise cannot_serve(host, port, str(exc.strerror or exc)) from None
     return int(server.server_port)
+
+
+def cannot_serve(host: str, port: int, why: str) -> Unavailable:
+    """What to do when the metrics port is taken."""
+    return Unavailable(
+        f"cannot serve /metrics on {host}:{port} ({why}); every Prelabel process on one machine needs a metrics "
+        "port of its own: pass --metrics-port N (PRELABEL_METRICS_PORT), 0 for any free port, or -1 for no /metrics"
+    )
