@@ -86,7 +86,8 @@ class TrainingSpeed(threading.Thread):
 
     def __init__(self, url: str) -> None:
         super().__init__(daemon=True)
-        self.url, self.samples, self.stop = url, [], threading.Event()
+        self.url, self.stop = url, threading.Event()
+        self.samples: list[float] = []
 
     def run(self) -> None:
         while not self.stop.wait(1.0):
