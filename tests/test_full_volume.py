@@ -137,6 +137,8 @@ def test_the_sqlite_queue_on_a_full_volume_refuses_a_job_as_full(volume):
     with pytest.raises(ResourceExhausted, match=FULL):  # SQLite said "disk I/O error": it was UNAVAILABLE
         for _ in range(100):  # the first inserts may fit in pages SQLite holds already
             queue.submit(spec)
+    with pytest.raises(ResourceExhausted, match=FULL):  # a new queue's first start, too
+        SQLiteQueue(volume.root / "new" / "queue.db")
     volume.free()
     assert queue.submit(spec).state == QUEUED
 

@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TypeVar
 
-from prelabel.errors import InvalidArgument, NotFound, Unavailable, volume_full
+from prelabel.errors import InvalidArgument, NotFound, PrelabelError, Unavailable, volume_full
 from prelabel.queue.contract import QUEUED, RUNNING, STATES, Job, JobQueue, QueueStats, take
 from prelabel.spec import JobSpec
 
@@ -38,12 +38,15 @@ class SQLiteQueue(JobQueue):
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        db = sqlite3.connect(self.path, timeout=30)
         try:
-            db.execute("PRAGMA journal_mode=WAL")  # persistent: set once per file
-            db.executescript(SCHEMA)
-        finally:
-            db.close()
+            db = sqlite3.connect(self.path, timeout=30)
+            try:
+                db.execute("PRAGMA journal_mode=WAL")  # persistent: set once per file
+                db.executescript(SCHEMA)
+            finally:
+                db.close()
+        except sqlite3.OperationalError as exc:
+            raise self._unusable(exc) from exc
 
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
@@ -61,9 +64,12 @@ class SQLiteQueue(JobQueue):
             finally:
                 db.close()
         except sqlite3.OperationalError as exc:  # locked beyond the timeout, disk full, unreadable file
-            raise volume_full(exc, self.path.parent) or Unavailable(
-                f"the job queue {self.path} cannot be used ({exc}); check the disk and retry"
-            ) from exc
+            raise self._unusable(exc) from exc
+
+    def _unusable(self, exc: sqlite3.OperationalError) -> PrelabelError:
+        return volume_full(exc, self.path.parent) or Unavailable(
+            f"the job queue {self.path} cannot be used ({exc}); check the disk and retry"
+        )
 
     @staticmethod
     def _save(db: sqlite3.Connection, job: Job) -> None:
