@@ -86,7 +86,7 @@ def supervisor_for(settings: Settings, env: dict[str, str] | None = None) -> Tri
             settings.triton_metrics_port or free_port(host),
         ),
         startup_timeout_s=settings.triton_startup_timeout_s,
-        env_defaults=env or {},
+        env_defaults=env,
     )
 
 

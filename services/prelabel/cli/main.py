@@ -292,11 +292,8 @@ def _main(argv: list[str] | None = None) -> int:
     except PrelabelError as exc:
         print(f"prelabel: {exc.message}", file=sys.stderr)
         return 2
-    except (
-        OSError,
-        sqlite3.Error,
-    ) as exc:  # where the data directory is written: a full or closed volume, said plainly
-        if args.command not in WRITE_DATA_DIR:
+    except (OSError, sqlite3.Error) as exc:
+        if args.command not in WRITE_DATA_DIR:  # where the data directory is written: a full or closed volume
             raise
         if full := volume_full(exc):
             print(f"prelabel: {full.message} [{exc}]", file=sys.stderr)

@@ -57,29 +57,27 @@ class Certificates:
 
     def __init__(self, cert: Path, key: Path, ca: Path | None) -> None:
         self.cert, self.key, self.ca = cert, key, ca
+        self.files = [p for p in (cert, key, ca) if p is not None]
         self._lock = threading.Lock()
         try:
             self.initial = self._load()
-            self._stamp = self._stamps()
+            self._stamp = stamp(*self.files)
         except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
             raise InvalidArgument(f"the TLS files cannot be used: {_why(exc)}; fix them and start again") from None
 
     def fetch(self) -> grpc.ServerCertificateConfiguration | None:
         with self._lock:  # handshakes may ask from several threads at once
             try:
-                stamp = self._stamps()
-                if stamp == self._stamp:
+                now = stamp(*self.files)
+                if now == self._stamp:
                     return None
-                self._stamp = stamp  # tried once per change: a bad rotation is logged once, not per connection
+                self._stamp = now  # tried once per change: a bad rotation is logged once, not per connection
                 config = self._load()
             except (OSError, ValueError, PrelabelError) as exc:
                 log.error("TLS files changed but cannot be used (%s); serving the previous certificate", _why(exc))
                 return None
         log.info("TLS files changed: serving the new certificate from %s", self.cert)
         return config
-
-    def _stamps(self) -> tuple[tuple[int, int], ...]:
-        return tuple((s.st_mtime_ns, s.st_size) for s in (p.stat() for p in (self.cert, self.key, self.ca) if p))
 
     def _load(self) -> grpc.ServerCertificateConfiguration:
         cert, key = _read(self.cert, "TLS_CERT_FILE"), _read(self.key, "TLS_KEY_FILE")
@@ -88,6 +86,11 @@ class Certificates:
             raise ValueError(f"PRELABEL_TLS_CLIENT_CA_FILE={self.ca} holds no PEM certificate")
         ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(self.cert, self.key)  # a matching pair
         return grpc.ssl_server_certificate_configuration([(key, cert)], root_certificates=roots)
+
+
+def stamp(*paths: Path) -> tuple[tuple[int, int], ...]:
+    """What tells that files changed (a rewrite or a Kubernetes Secret's swap): modification time and size."""
+    return tuple((s.st_mtime_ns, s.st_size) for s in map(os.stat, paths))
 
 
 def _why(exc: BaseException) -> str:
@@ -109,7 +112,7 @@ class Tokens:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._lock = threading.Lock()
-        self._stamp: tuple[float, int] | None = None
+        self._stamp: tuple[tuple[int, int], ...] | None = None
         self._scopes: dict[str, str] = {}
         self._load(strict=True)
 
@@ -123,9 +126,8 @@ class Tokens:
 
     def _load(self, strict: bool) -> None:
         try:
-            stat = os.stat(self.path)
-            stamp = (stat.st_mtime, stat.st_size)
-            if stamp == self._stamp:
+            now = stamp(self.path)
+            if now == self._stamp:
                 return
             scopes = _parse(self.path.read_text())
         except (OSError, InvalidArgument) as exc:
@@ -135,7 +137,7 @@ class Tokens:
             log.error("token file %s: %s; keeping the previous tokens", self.path, message)
             return
         with self._lock:
-            self._stamp, self._scopes = stamp, scopes
+            self._stamp, self._scopes = now, scopes
         log.info("loaded %d bearer token(s) from %s", len(scopes), self.path)
 
 
